@@ -1,0 +1,29 @@
+# Two commands on a fresh machine (see README):  `make run`  and  `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.rklu-installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench-cpu clean
+
+$(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --no-compile -q -r requirements.txt
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e . > $(VENV)/build.log 2>&1 || (tail -60 $(VENV)/build.log; exit 1)
+	@echo "--- kernel register/spill report (ptxas) ---"; grep -E "registers|spill" $(VENV)/build.log || echo "(no CUDA kernels compiled)"
+	$(PY) -c "import rklu_fast, json; print('rklu_fast backends:', json.dumps(rklu_fast.backends()))"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/rklu run --config configs/tiny-tofu.yaml
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-cpu: install
+	$(PY) benchmarks/bench_loss.py --device cpu
+
+clean:
+	rm -rf build *.egg-info rklu_fast/*.so

@@ -1,0 +1,17 @@
+"""Test setup. TRITON_INTERPRET must be set before any @triton.jit decorates a kernel, hence before importing
+rklu_fast: with no GPU the Triton kernels run in the interpreter on the CPU (the very same kernel source)."""
+import os
+
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _has_cuda = False
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not _has_cuda, reason="needs a CUDA GPU; this machine has none "
+                                   "(run benchmarks/gpu_suite.sh on a GPU machine)")
