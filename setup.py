@@ -1,4 +1,64 @@
-"""Build script: the pure-Python package plus (issue 4) the C++ CPU and CUDA extensions from csrc/."""
+"""Build script: the pure-Python package plus the C++ extensions from csrc/ (docs/build.md).
+
+`pip install --no-build-isolation -e .` always builds `rklu_fast._C` (op schemas, CPU and Meta kernels), and
+`rklu_fast._C_cuda` (CUDA kernels) when torch is a CUDA build and nvcc exists. RKLU_BUILD_CUDA=0 skips it,
+RKLU_BUILD_CUDA=1 requires it. The .so files hold no Python module: rklu_fast/cpp_backend.py loads them with
+torch.ops.load_library.
+"""
+import os
+import platform
+import shutil
+
 from setuptools import setup
 
-setup()
+# /usr/local/bin/nvcc may be a wrapper, from which torch would guess CUDA_HOME=/usr/local; and with no GPU to ask,
+# torch needs an explicit arch list. Both must be set before cpp_extension is imported.
+os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+CSRC = "csrc"
+CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is single-threaded without it
+if platform.machine() in ("x86_64", "AMD64"):
+    # at::vec picks its implementation from these macros: AVX2 + FMA (cpp_backend checks the CPU before loading).
+    CXX_FLAGS += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def _want_cuda() -> bool:
+    choice = os.environ.get("RKLU_BUILD_CUDA", "").strip()
+    nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    possible = torch.version.cuda is not None and (os.path.exists(nvcc) or shutil.which("nvcc") is not None)
+    if choice == "0":
+        return False
+    if choice == "1" and not possible:
+        raise RuntimeError(f"RKLU_BUILD_CUDA=1 but torch {torch.__version__} is not a CUDA build or nvcc is missing "
+                           f"(CUDA_HOME={os.environ['CUDA_HOME']})")
+    return possible
+
+
+ext_modules = [
+    CppExtension(
+        "rklu_fast._C",
+        [f"{CSRC}/rklu_cpu.cpp"],
+        include_dirs=[os.path.abspath(CSRC)],
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
+    )
+]
+if _want_cuda():
+    ext_modules.append(
+        CUDAExtension(
+            "rklu_fast._C_cuda",
+            [f"{CSRC}/rklu_cuda.cu"],
+            include_dirs=[os.path.abspath(CSRC)],
+            extra_compile_args={
+                "cxx": ["-O3"],
+                # -Xptxas -v: the register/spill report of every kernel lands in the build log (make install greps it)
+                "nvcc": ["-O3", "-Xptxas", "-v", "-lineinfo"],
+            },
+        )
+    )
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -1,0 +1,338 @@
+// CPU kernels of the RKLU loss, the op schemas (namespace rklu_fast) and their CPU + Meta implementations.
+// Contract: docs/kernel-contract.md; math: rklu_math.h. Rows run in parallel (at::parallel_for, OpenMP); each row is
+// one thread's work in a fixed order, so results are bitwise the same for any thread count.
+//
+// Per row: pass 1 streams the row in chunks of kChunk entries (converted to fp32 into L1-sized buffers), takes each
+// chunk's max, rebases the running statistics once per chunk and accumulates e^{x−m} with at::vec. Pass 2 (only with
+// compute_grad) re-reads the row — from L2, it was just read — and writes the gradient in the student's dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "rklu_math.h"
+
+namespace {
+
+using rklu::Vec;
+constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kChunk = 1024;             // entries per chunk: three fp32 buffers stay in L1
+constexpr int64_t kBuf = kChunk + 2 * kLanes;  // 16-bit loads convert a whole Vectorized<T> (2 × kLanes)
+
+// ------------------------------------------------------------------------------------ dtype conversion of a chunk
+using LoadFn = void (*)(const void* src, int64_t n, float* dst);
+using StoreFn = void (*)(const float* src, int64_t n, void* dst);
+
+template <class T>
+void load_as_float(const void* src_, int64_t n, float* dst) {
+  const T* src = static_cast<const T*>(src_);
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    constexpr int64_t w = at::vec::Vectorized<T>::size();
+    for (int64_t i = 0; i < n; i += w) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(src + i, std::min(w, n - i)));
+      lo.store(dst + i);
+      hi.store(dst + i + w / 2);
+    }
+  }
+}
+
+template <class T>
+void store_from_float(const float* src, int64_t n, void* dst_) {
+  T* dst = static_cast<T*>(dst_);
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    constexpr int64_t w = at::vec::Vectorized<T>::size();
+    for (int64_t i = 0; i < n; i += w) {
+      auto v = at::vec::convert_from_float<T>(Vec::loadu(src + i), Vec::loadu(src + i + w / 2));
+      v.store(dst + i, std::min(w, n - i));
+    }
+  }
+}
+
+LoadFn loader(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return load_as_float<float>;
+    case at::kBFloat16: return load_as_float<at::BFloat16>;
+    case at::kHalf: return load_as_float<at::Half>;
+    default: TORCH_CHECK(false, "rklu_fast: unsupported dtype ", t);
+  }
+}
+
+StoreFn storer(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return store_from_float<float>;
+    case at::kBFloat16: return store_from_float<at::BFloat16>;
+    case at::kHalf: return store_from_float<at::Half>;
+    default: TORCH_CHECK(false, "rklu_fast: unsupported dtype ", t);
+  }
+}
+
+float hmax(Vec v) {
+  float x[kLanes];
+  v.store(x);
+  float m = x[0];
+  for (int64_t i = 1; i < kLanes; ++i) m = rklu::rk_max(m, x[i]);
+  return m;
+}
+
+float hsum(Vec v) {
+  float x[kLanes];
+  v.store(x);
+  float s = 0.f;
+  for (int64_t i = 0; i < kLanes; ++i) s += x[i];
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------ the row kernel
+struct Input {
+  const char* data;
+  int64_t row_bytes;  // row stride in bytes
+  LoadFn load;
+  int64_t elem;
+};
+
+Input make_input(const at::Tensor& t) {
+  return Input{static_cast<const char*>(t.data_ptr()), t.stride(0) * static_cast<int64_t>(t.element_size()),
+               loader(t.scalar_type()), static_cast<int64_t>(t.element_size())};
+}
+
+struct Problem {
+  Input student, original, augmented;  // augmented.data == nullptr: the teacher is `original`
+  int64_t V;
+  float alpha, inv_t;
+};
+
+// Scaled logits of one chunk: a = z/T into `a`, b = l_t/T into `b` (`aug` is scratch); the tail up to a whole vector
+// is filled with −inf, which adds nothing to any sum.
+void scaled_chunk(const Problem& pb, int64_t srow, int64_t trow, int64_t c0, int64_t n, float* a, float* b,
+                  float* aug) {
+  const Input& s = pb.student;
+  const Input& o = pb.original;
+  const Input& g = pb.augmented;
+  s.load(s.data + srow * s.row_bytes + c0 * s.elem, n, a);
+  o.load(o.data + trow * o.row_bytes + c0 * o.elem, n, b);
+  const bool has_aug = g.data != nullptr;
+  if (has_aug) g.load(g.data + trow * g.row_bytes + c0 * g.elem, n, aug);
+  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+  std::fill(a + n, a + padded, -rklu::kInf);
+  std::fill(b + n, b + padded, -rklu::kInf);
+  const Vec inv_t(pb.inv_t);
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    Vec lt = Vec::loadu(b + i);
+    if (has_aug) lt = rklu::teacher_logit(lt, Vec::loadu(aug + i), pb.alpha);
+    (Vec::loadu(a + i) * inv_t).store(a + i);
+    (lt * inv_t).store(b + i);
+  }
+}
+
+template <bool kReverse>
+rklu::RowResult row_stats(const Problem& pb, int64_t srow, int64_t trow, float* a, float* b, float* aug) {
+  rklu::Stats st_a = rklu::stats_empty(), st_b = rklu::stats_empty();
+  for (int64_t c0 = 0; c0 < pb.V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, pb.V - c0);
+    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+    scaled_chunk(pb, srow, trow, c0, n, a, b, aug);
+    Vec ma(-rklu::kInf), mb(-rklu::kInf);
+    for (int64_t i = 0; i < padded; i += kLanes) {
+      ma = rklu::rk_max(ma, Vec::loadu(a + i));
+      mb = rklu::rk_max(mb, Vec::loadu(b + i));
+    }
+    st_a = rklu::rebase(st_a, rklu::rk_max(st_a.m, hmax(ma)));
+    st_b = rklu::rebase(st_b, rklu::rk_max(st_b.m, hmax(mb)));
+    const Vec sh_a(rklu::safe_shift(st_a.m)), sh_b(rklu::safe_shift(st_b.m));
+    Vec sa(0.f), sb(0.f), w(0.f);
+    for (int64_t i = 0; i < padded; i += kLanes) {
+      const Vec va = Vec::loadu(a + i), vb = Vec::loadu(b + i);
+      const Vec ea = rklu::rk_exp(va - sh_a), eb = rklu::rk_exp(vb - sh_b);
+      sa += ea;
+      sb += eb;
+      w += kReverse ? rklu::numerator_term(va, vb, ea) : rklu::numerator_term(vb, va, eb);
+    }
+    st_a.s += hsum(sa);
+    st_b.s += hsum(sb);
+    (kReverse ? st_a : st_b).w += hsum(w);
+  }
+  return rklu::finish_row(st_a, st_b, kReverse);
+}
+
+template <bool kReverse>
+void row_grad(const Problem& pb, int64_t srow, int64_t trow, const rklu::RowResult& r, float coef, StoreFn store,
+              char* grad_row, int64_t grad_elem, float* a, float* b, float* aug) {
+  const bool nan_row = rklu::row_is_nan(r);
+  for (int64_t c0 = 0; c0 < pb.V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, pb.V - c0);
+    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+    if (nan_row) {
+      std::fill(a, a + padded, std::numeric_limits<float>::quiet_NaN());
+    } else {
+      scaled_chunk(pb, srow, trow, c0, n, a, b, aug);
+      for (int64_t i = 0; i < padded; i += kLanes) {
+        const Vec va = Vec::loadu(a + i), vb = Vec::loadu(b + i);
+        const Vec g = kReverse ? rklu::grad_reverse(va, vb, r.lse_a, r.shift, coef)
+                               : rklu::grad_forward(va, vb, r.lse_a, r.lse_b, coef);
+        g.store(a + i);
+      }
+    }
+    store(a, n, grad_row + c0 * grad_elem);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ argument checks
+void check_logits(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "rklu_fast: ", name, " must be 2-D [rows, vocab], got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              "rklu_fast: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "rklu_fast: ", name,
+              " must have stride(1) == 1 (rows may be strided), got strides ", t.strides());
+}
+
+void check_fwd_args(const at::Tensor& student, const at::Tensor& original, const std::optional<at::Tensor>& augmented,
+                    const at::Tensor& teacher_row, const at::Tensor& grad_scale, double inv_temperature) {
+  check_logits(student, "student");
+  check_logits(original, "original");
+  TORCH_CHECK(original.size(1) == student.size(1), "rklu_fast: original has vocab ", original.size(1),
+              ", student has ", student.size(1));
+  if (augmented.has_value()) {
+    check_logits(*augmented, "augmented");
+    TORCH_CHECK(augmented->sizes() == original.sizes(), "rklu_fast: augmented shape ", augmented->sizes(),
+                " differs from original shape ", original.sizes());
+    TORCH_CHECK(augmented->device() == student.device(), "rklu_fast: augmented is on ", augmented->device(),
+                ", student on ", student.device());
+  }
+  TORCH_CHECK(original.device() == student.device(), "rklu_fast: original is on ", original.device(),
+              ", student on ", student.device());
+  TORCH_CHECK(teacher_row.scalar_type() == at::kLong && teacher_row.dim() == 1 &&
+                  teacher_row.size(0) == student.size(0),
+              "rklu_fast: teacher_row must be int64 of shape [", student.size(0), "], got ", teacher_row.scalar_type(),
+              " ", teacher_row.sizes());
+  TORCH_CHECK(teacher_row.device() == student.device(), "rklu_fast: teacher_row is on ", teacher_row.device(),
+              ", student on ", student.device());
+  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
+              "rklu_fast: grad_scale must be a float32 tensor with one element, got ", grad_scale.scalar_type(), " ",
+              grad_scale.sizes());
+  TORCH_CHECK(grad_scale.device() == student.device(), "rklu_fast: grad_scale is on ", grad_scale.device(),
+              ", student on ", student.device());
+  TORCH_CHECK(inv_temperature > 0.0, "rklu_fast: inv_temperature must be > 0, got ", inv_temperature);
+}
+
+void check_scale_args(const at::Tensor& grad, const at::Tensor& applied, const at::Tensor& grad_output_rows) {
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "rklu_fast: grad must be the contiguous [N, V] tensor from kl_fwd");
+  for (const at::Tensor* t : {&applied, &grad_output_rows}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == grad.size(0) && t->is_contiguous(),
+                "rklu_fast: applied and grad_output_rows must be contiguous float32 [", grad.size(0), "], got ",
+                t->scalar_type(), " ", t->sizes());
+    TORCH_CHECK(t->device() == grad.device(), "rklu_fast: applied/grad_output_rows on ", t->device(), ", grad on ",
+                grad.device());
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- CPU operators
+std::tuple<at::Tensor, at::Tensor> kl_fwd_cpu(const at::Tensor& student, const at::Tensor& original,
+                                              const std::optional<at::Tensor>& augmented, const at::Tensor& teacher_row,
+                                              const at::Tensor& grad_scale, double alpha, double inv_temperature,
+                                              bool reverse, bool compute_grad) {
+  check_fwd_args(student, original, augmented, teacher_row, grad_scale, inv_temperature);
+  const int64_t N = student.size(0), V = student.size(1), M = original.size(0);
+  at::Tensor loss = at::empty({N}, student.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty({N, V}, student.options()) : at::empty({0}, student.options());
+  const at::Tensor rows = teacher_row.contiguous();
+  const int64_t* trow = rows.data_ptr<int64_t>();
+  float* loss_p = loss.data_ptr<float>();
+  const float inv_t = static_cast<float>(inv_temperature);
+  const float coef = grad_scale.item<float>() * inv_t;  // a CPU tensor: no device sync
+  Problem pb{make_input(student), make_input(original),
+             augmented.has_value() ? make_input(*augmented) : Input{nullptr, 0, nullptr, 0}, V,
+             static_cast<float>(alpha), inv_t};
+  StoreFn store = compute_grad ? storer(student.scalar_type()) : nullptr;
+  char* grad_p = compute_grad ? static_cast<char*>(grad.data_ptr()) : nullptr;
+  const int64_t g_elem = student.element_size();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float a[kBuf], b[kBuf], aug[kBuf];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = trow[i];
+      TORCH_CHECK(t < M, "rklu_fast: teacher_row[", i, "] = ", t, " but the teacher has ", M, " rows");
+      char* grad_row = compute_grad ? grad_p + i * V * g_elem : nullptr;
+      if (t < 0) {  // ignored row: no reads, zeros out
+        loss_p[i] = 0.f;
+        if (compute_grad) std::memset(grad_row, 0, V * g_elem);
+        continue;
+      }
+      const rklu::RowResult r = reverse ? row_stats<true>(pb, i, t, a, b, aug) : row_stats<false>(pb, i, t, a, b, aug);
+      loss_p[i] = r.kl;
+      if (!compute_grad) continue;
+      if (reverse) {
+        row_grad<true>(pb, i, t, r, coef, store, grad_row, g_elem, a, b, aug);
+      } else {
+        row_grad<false>(pb, i, t, r, coef, store, grad_row, g_elem, a, b, aug);
+      }
+    }
+  });
+  return {loss, grad};
+}
+
+void kl_scale_grad_cpu(at::Tensor& grad, at::Tensor& applied, const at::Tensor& grad_output_rows) {
+  check_scale_args(grad, applied, grad_output_rows);
+  const int64_t N = grad.size(0), V = grad.size(1);
+  float* applied_p = applied.data_ptr<float>();
+  const float* g_p = grad_output_rows.data_ptr<float>();
+  char* grad_p = static_cast<char*>(grad.data_ptr());
+  const int64_t elem = grad.element_size();
+  LoadFn load = loader(grad.scalar_type());
+  StoreFn store = storer(grad.scalar_type());
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kBuf];
+    for (int64_t r = begin; r < end; ++r) {
+      if (g_p[r] == applied_p[r]) continue;  // the usual case (g == 1): nothing to read or write
+      const Vec factor(g_p[r] / applied_p[r]);
+      char* row = grad_p + r * V * elem;
+      for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, V - c0);
+        load(row + c0 * elem, n, buf);
+        for (int64_t i = 0; i < n; i += kLanes) (Vec::loadu(buf + i) * factor).store(buf + i);
+        store(buf, n, row + c0 * elem);
+      }
+      applied_p[r] = g_p[r];
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------- Meta (shapes only, for compile)
+std::tuple<at::Tensor, at::Tensor> kl_fwd_meta(const at::Tensor& student, const at::Tensor& original,
+                                               const std::optional<at::Tensor>& augmented,
+                                               const at::Tensor& teacher_row, const at::Tensor& grad_scale,
+                                               double alpha, double inv_temperature, bool reverse, bool compute_grad) {
+  check_fwd_args(student, original, augmented, teacher_row, grad_scale, inv_temperature);
+  at::Tensor loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty({student.size(0), student.size(1)}, student.options())
+                                 : at::empty({0}, student.options());
+  return {loss, grad};
+}
+
+void kl_scale_grad_meta(at::Tensor& grad, at::Tensor& applied, const at::Tensor& grad_output_rows) {
+  check_scale_args(grad, applied, grad_output_rows);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rklu_fast, m) {
+  m.def(
+      "kl_fwd(Tensor student, Tensor original, Tensor? augmented, Tensor teacher_row, Tensor grad_scale, "
+      "float alpha, float inv_temperature, bool reverse, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("kl_scale_grad_(Tensor(a!) grad, Tensor(b!) applied, Tensor grad_output_rows) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(rklu_fast, CPU, m) {
+  m.impl("kl_fwd", &kl_fwd_cpu);
+  m.impl("kl_scale_grad_", &kl_scale_grad_cpu);
+}
+
+TORCH_LIBRARY_IMPL(rklu_fast, Meta, m) {
+  m.impl("kl_fwd", &kl_fwd_meta);
+  m.impl("kl_scale_grad_", &kl_scale_grad_meta);
+}

@@ -1,0 +1,99 @@
+"""Which loss backends exist, which are built and usable here, and what `backend="auto"` means.
+
+A backend is an object with the two functions of docs/kernel-contract.md: `kl_fwd` and `kl_scale_grad_`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+BACKEND_NAMES = ("torch", "triton", "cpu", "cuda")
+BUILD_HINT = "run `pip install --no-build-isolation --no-deps -e .` in the repository root"
+
+
+def _cpp_module():
+    """The C++ extension wrapper (issue 4), or None with the reason it is missing."""
+    try:
+        mod = importlib.import_module("rklu_fast.cpp_backend")
+    except ImportError as err:
+        return None, f"not built ({err}): {BUILD_HINT}"
+    return mod, None
+
+
+def _triton_module():
+    try:
+        return importlib.import_module("rklu_fast.triton_kl"), None
+    except ImportError as err:
+        return None, f"triton unavailable: {err}"
+
+
+def _status(name: str) -> dict:
+    """{"built": bool, "usable": bool, "reason": str (only when not usable)} for one backend on this machine."""
+    if name == "torch":
+        return {"built": True, "usable": True}
+    if name == "triton":
+        mod, reason = _triton_module()
+        if mod is None:
+            return {"built": False, "usable": False, "reason": reason}
+        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            return {"built": True, "usable": True}
+        return {"built": True, "usable": False,
+                "reason": "no CUDA device; set TRITON_INTERPRET=1 before importing rklu_fast to run the kernel "
+                          "in Triton's CPU interpreter (slow; for tests)"}
+    mod, reason = _cpp_module()
+    if mod is None:
+        return {"built": False, "usable": False, "reason": reason}
+    built = bool(mod.BUILT_CPU if name == "cpu" else mod.BUILT_CUDA)
+    if not built:
+        why = getattr(mod, "BUILD_ERROR", None) or f"the {name} kernels were not compiled"
+        return {"built": False, "usable": False, "reason": f"not built ({why}): {BUILD_HINT}"}
+    if name == "cuda" and not torch.cuda.is_available():
+        return {"built": True, "usable": False, "reason": "built, but no CUDA device here"}
+    return {"built": True, "usable": True}
+
+
+def backends() -> dict:
+    """Every backend's status here, e.g. `{"torch": {"built": True, "usable": True}, "cpu": {..., "reason": ...}}`."""
+    return {name: _status(name) for name in BACKEND_NAMES}
+
+
+def _usable_on(name: str, device: torch.device) -> Optional[str]:
+    """None if `name` can run on `device`, else the reason it cannot."""
+    st = _status(name)
+    if not st["usable"]:
+        return st["reason"]
+    if name == "cpu" and device.type != "cpu":
+        return f"the cpu backend needs CPU tensors, got {device}"
+    if name == "cuda" and device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got {device}"
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    if name == "triton" and device.type not in ("cpu", "cuda"):
+        return f"Triton needs CUDA tensors, got {device}"
+    return None
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend name for `backend` (possibly "auto") and tensors on `device`; ValueError if unusable."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    if backend == "auto":
+        preferred = ("cuda", "triton") if device.type == "cuda" else ("cpu", "torch")
+        for name in preferred:
+            if _usable_on(name, device) is None:
+                return name
+        return "torch"
+    reason = _usable_on(backend, device)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} is not usable here: {reason}")
+    return backend
+
+
+def implementation(name: str):
+    """The module holding `kl_fwd` and `kl_scale_grad_` for a concrete backend name."""
+    if name == "torch":
+        return importlib.import_module("rklu_fast.reference")
+    return (_triton_module() if name == "triton" else _cpp_module())[0]

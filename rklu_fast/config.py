@@ -1,0 +1,165 @@
+"""Run configuration: built-in defaults ← a YAML file ← dotted ``key=value`` overrides from the command line.
+
+Every key is checked against the defaults (unknown keys and wrong types are errors naming the key), so a typo
+fails before any compute.  The resolved config is a plain nested dict and is saved with every run.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: raised before any compute, the message names the key."""
+
+
+def _optim(epochs: float, lr: float) -> dict:
+    # The paper's defaults (and TOFU's): AdamW, wd 0.01, effective batch 32, linear warm-up over the first epoch,
+    # then linear decay; HF Trainer's default gradient clipping at 1.0, which TOFU's runs used.
+    return {"epochs": epochs, "lr": lr, "weight_decay": 0.01, "batch_size": 32, "micro_batch_size": 4,
+            "warmup_epochs": 1.0, "max_grad_norm": 1.0}
+
+
+DEFAULTS: dict = {
+    "run_dir": "runs/default",      # everything a run writes: models, checkpoints, logs, resolved config
+    "seed": 0,
+    "precision": "bf16",            # accelerate mixed precision: bf16 | fp16 | no
+    "cpu": False,                   # force the CPU even when a GPU is present
+    "model": {
+        "name_or_path": None,       # base model (hub id or local path) that `finetune` starts from
+        "tokenizer": None,          # hub id / path; default: name_or_path
+        "template": "llama2",       # prompt template: llama2 | phi | plain
+        "max_length": 500,          # TOFU's max_length: longer QA pairs are truncated (and get no EOS)
+        "dtype": "float32",         # dtype the weights are loaded in (master weights; compute follows precision)
+        "random_init": None,        # {architecture: llama|phi, hidden_size: ..., ...}: build untrained from a config
+        "train_tokenizer": None,    # vocab size: train a BPE on the TOFU text, cached in <run_dir>/tokenizer
+    },
+    "data": {
+        "kind": "tofu",             # tofu (QA pairs) | text (plain text cut in chunks, the Harry Potter setting)
+        "source": None,             # TOFU folder / JSON(L) file / hub id; default rklu_fast.data.default_data_dir()
+        "forget": "forget10",       # TOFU forget split
+        "retain": "retain90",       # TOFU retain split, or null for no retain set (and no retain term)
+        "max_retain": None,         # keep only the first N retain examples (tiny runs)
+        "text_file": None,          # kind=text: the forget text
+        "chunk_length": 512,        # kind=text: tokens per chunk
+    },
+    # Stage 1: the original model (on retain ∪ forget = TOFU's `full`) and the oracle (on retain).
+    "finetune": {"original": None, "oracle": None, "make_oracle": True, **_optim(5, 1e-5)},
+    # Stage 2: the augmented model: the original fine-tuned further on the forget set.
+    "augment": {"model": None, **_optim(10, 1e-5)},
+    # Stage 3: the student starts from the original and is distilled from the teacher l_o - alpha*relu(l_aug - l_o).
+    "unlearn": {"method": "rklu", "alpha": 8.0, "retain_term": "RT", "retain_weight": 1.0, "backend": "auto",
+                **_optim(10, 1e-5)},
+    "log": {"every": 1, "tensorboard": True},
+    "checkpoint": {"keep_last": 1},  # epoch checkpoints kept per stage (the final model is always kept)
+    "eval": {"max_examples": 200},   # examples per set for the before/after answer-probability summary
+}
+# Keys that may be set to null (off) although their default is a number.
+_NULLABLE = {"max_grad_norm", "max_examples"}
+# Keys whose value is a free-form mapping (not checked key by key).
+_FREE = {("model", "random_init")}
+_CHOICES = {
+    ("precision",): ("bf16", "fp16", "no"),
+    ("model", "template"): ("llama2", "phi", "plain"),
+    ("data", "kind"): ("tofu", "text"),
+    ("unlearn", "method"): ("rklu", "fklu"),
+    ("unlearn", "retain_term"): ("RT", "KL", "none"),
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+}
+
+
+def _merge(base: dict, update: dict, prefix: tuple = ()) -> None:
+    if not isinstance(update, dict):
+        raise ConfigError(f"{'.'.join(prefix) or 'config'}: must be a mapping, got {type(update).__name__}")
+    for key, value in update.items():
+        path = prefix + (str(key),)
+        name = ".".join(path)
+        if key not in base:
+            raise ConfigError(f"{name}: unknown key; valid keys here: {sorted(base)}")
+        if isinstance(base[key], dict) and path not in _FREE:
+            _merge(base[key], value, path)
+        else:
+            base[key] = value
+
+
+def _set_dotted(config: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected key=value, e.g. unlearn.epochs=2")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    update: dict = {}
+    node = update
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    _merge(config, update)
+
+
+def _check_types(config: dict, defaults: dict, prefix: tuple = ()) -> None:
+    for key, default in defaults.items():
+        path = prefix + (key,)
+        name, value = ".".join(path), config[key]
+        if isinstance(default, dict) and path not in _FREE:
+            _check_types(value, default, path)
+            continue
+        if path in _FREE and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name}: must be a mapping or null, got {value!r}")
+        if default is None or (value is None and key in _NULLABLE):
+            continue
+        expected = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
+            raise ConfigError(f"{name}: must be {getattr(expected, '__name__', 'a number')}, got {value!r}")
+        if path in _CHOICES and value not in _CHOICES[path]:
+            raise ConfigError(f"{name}: must be one of {list(_CHOICES[path])}, got {value!r}")
+
+
+def _check_values(c: dict) -> None:
+    for stage in ("finetune", "augment", "unlearn"):
+        s = c[stage]
+        for key in ("epochs", "lr", "batch_size", "micro_batch_size"):
+            if s[key] <= 0:
+                raise ConfigError(f"{stage}.{key}: must be positive, got {s[key]!r}")
+        if s["batch_size"] % s["micro_batch_size"]:
+            raise ConfigError(f"{stage}.batch_size: {s['batch_size']} is not a multiple of "
+                              f"{stage}.micro_batch_size {s['micro_batch_size']}")
+        if s["weight_decay"] < 0 or s["warmup_epochs"] < 0:
+            raise ConfigError(f"{stage}: weight_decay and warmup_epochs must be ≥ 0")
+    if c["model"]["name_or_path"] is None and c["model"]["random_init"] is None:
+        raise ConfigError("model.name_or_path: set a hub id / path, or model.random_init for an untrained model")
+    if c["model"]["random_init"] is not None and "architecture" not in c["model"]["random_init"]:
+        raise ConfigError("model.random_init.architecture: required (llama or phi)")
+    if c["model"]["name_or_path"] is None and c["model"]["tokenizer"] is None and not c["model"]["train_tokenizer"]:
+        raise ConfigError("model.tokenizer: set a tokenizer (hub id / path) or model.train_tokenizer (vocab size)")
+    if c["data"]["kind"] == "text":
+        if not c["data"]["text_file"]:
+            raise ConfigError("data.text_file: required when data.kind is 'text'")
+        if not c["finetune"]["original"]:
+            raise ConfigError("finetune.original: required when data.kind is 'text' (there is no QA set to "
+                              "fine-tune on; the paper unlearns Harry Potter from the base model)")
+    if c["data"]["retain"] is None and c["unlearn"]["retain_term"] != "none":
+        raise ConfigError(f"unlearn.retain_term: {c['unlearn']['retain_term']!r} needs data.retain; "
+                          "set unlearn.retain_term=none or give a retain split")
+    if c["unlearn"]["alpha"] < 0:
+        raise ConfigError(f"unlearn.alpha: must be ≥ 0, got {c['unlearn']['alpha']!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """Defaults, updated by the YAML file at ``path`` (if any), then by ``key=value`` overrides; checked."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no such file {str(path)!r}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
+        _merge(config, data)
+    for assignment in overrides:
+        _set_dotted(config, assignment)
+    _check_types(config, DEFAULTS)
+    _check_values(config)
+    return config

@@ -1,0 +1,26 @@
+"""Batching: pad encoded examples (``encode_qa`` / ``chunk_text`` output) to one tensor batch."""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids`` with ``pad_token_id``, ``labels`` with -100 and ``attention_mask`` with 0."""
+    if not examples:
+        raise ValueError("examples: empty batch")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id: the tokenizer has no pad token (set tokenizer.pad_token)")
+    width = max(len(e["input_ids"]) for e in examples)
+
+    def pad(key, value):
+        return torch.tensor([list(e[key]) + [value] * (width - len(e[key])) for e in examples], dtype=torch.long)
+
+    return {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", IGNORE_INDEX),
+            "attention_mask": pad("attention_mask", 0)}
+
+
+def count_answer_tokens(labels: torch.Tensor) -> int:
+    """Valid next-token targets of a causal-LM batch: labels[:, 1:] that are not ignored."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,46 @@
+"""Per-run reports: one JSON (everything) and one Markdown table (what a reader compares)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+    return str(v)
+
+
+def report_markdown(name: str, result: dict) -> str:
+    """Markdown of one run's results: headline TOFU numbers, the 9 utility parts, forget-split values, seconds per
+    split, and the leak / copyright sections when present."""
+    lines = [f"# Evaluation: {name}", ""]
+    head = [(k, result[k]) for k in ("forget_quality", "model_utility", "forget_truth_ratio", "forget_prob",
+                                     "forget_rougeL", "forget_samples") if k in result]
+    if head:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in head] + [""]
+    if "parts" in result:
+        lines += ["Model utility parts (harmonic mean of these nine):", "", "| part | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in result["parts"].items()] + [""]
+    if "seconds_per_split" in result:
+        lines += ["| split | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in result["seconds_per_split"].items()] + [""]
+    for section in ("copyright", "perplexity"):
+        if section in result:
+            value = result[section]
+            rows = value.items() if isinstance(value, dict) else [(section, value)]
+            lines += [f"## {section}", "", "| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in rows if not isinstance(v, (list, dict))] + [""]
+    if "leak_table" in result:
+        lines += ["## Leak probe", "", result["leak_table"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(out_dir: str | Path, name: str, result: dict) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "report.json", out / "report.md"
+    js.write_text(json.dumps({"name": name, **result}, indent=1), encoding="utf-8")
+    md.write_text(report_markdown(name, result), encoding="utf-8")
+    return js, md

@@ -1,0 +1,103 @@
+"""The plain-PyTorch implementation: the formulas of the loss, stated once for Python.
+
+* `teacher_logits` and `reference_kl` are ordinary autograd-differentiable functions (float64-capable): the oracle
+  the tests compare every backend with, and what `torch.autograd.gradcheck` checks.
+* `kl_fwd` / `kl_scale_grad_` are the `torch` backend of the kernel contract (docs/kernel-contract.md): they
+  materialise `[N, V]` temporaries, compute the loss from the row statistics of `rklu_fast.row_stats` and write
+  the analytical gradient, in float64 for float64 inputs and float32 otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from rklu_fast.row_stats import NEG_INF, kl_from_stats, partial_stats
+
+
+def teacher_logits(original_logits: torch.Tensor, augmented_logits: Optional[torch.Tensor],
+                   alpha: float) -> torch.Tensor:
+    """`l_t = l_o − α·relu(l_aug − l_o)`, and `−inf` wherever `l_o = −inf`; `l_o` itself without `augmented`.
+
+    Computed in the wider of the two dtypes (float32 at least). NaN in either input stays NaN.
+    """
+    dtype = torch.promote_types(original_logits.dtype, torch.float32)
+    if augmented_logits is not None:
+        dtype = torch.promote_types(dtype, augmented_logits.dtype)
+    lo = original_logits.to(dtype)
+    if augmented_logits is None:
+        return lo
+    d = augmented_logits.to(dtype) - lo
+    penalty = torch.where(d < 0, torch.zeros_like(d), d)  # relu that keeps NaN
+    return torch.where(lo == NEG_INF, lo, lo - alpha * penalty)
+
+
+def reference_kl(student_logits: torch.Tensor, original_logits: torch.Tensor,
+                 augmented_logits: Optional[torch.Tensor] = None, alpha: float = 8.0, *,
+                 temperature: float = 1.0, reverse: bool = True) -> torch.Tensor:
+    """Per-row KL over the last dim, differentiable w.r.t. `student_logits` (the oracle; shapes `[..., V]`).
+
+    reverse: `Σ p_θ (log p_θ − log p_t)`; forward: `Σ p_t (log p_t − log p_θ)`, with `p = softmax(z/T)`.
+    A term whose own probability is 0 is 0; a positive probability against a zero one gives +inf.
+    """
+    t = teacher_logits(original_logits, augmented_logits, alpha)
+    dtype = torch.promote_types(student_logits.dtype, t.dtype)
+    logp = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    logq = torch.log_softmax(t.to(dtype) / temperature, dim=-1)
+    if not reverse:
+        logp, logq = logq, logp
+    terms = logp.exp() * (logp - logq)
+    return torch.where(logp == NEG_INF, torch.zeros_like(terms), terms).sum(-1)
+
+
+# ---------------------------------------------------------------- the `torch` backend of the kernel contract
+def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def kl_fwd(student: torch.Tensor, original: torch.Tensor, augmented: Optional[torch.Tensor],
+           teacher_row: torch.Tensor, grad_scale: torch.Tensor, alpha: float, inv_temperature: float,
+           reverse: bool, compute_grad: bool):
+    """Contract `kl_fwd`: per-row loss (fp32 `[N]`) and `grad_scale·∂loss_row/∂student` (student dtype) or `[0]`."""
+    n, v = student.shape
+    dtype = _compute_dtype(student, original, augmented)
+    valid = teacher_row >= 0
+    if original.shape[0] == 0:  # compact teacher with no valid row: nothing to compare with
+        valid = torch.zeros_like(valid)
+        idx = None
+    else:
+        idx = teacher_row.clamp(min=0)
+    a = student.to(dtype) * inv_temperature
+    if idx is None:
+        b = torch.zeros_like(a)
+    else:
+        t = teacher_logits(original.index_select(0, idx),
+                           None if augmented is None else augmented.index_select(0, idx), alpha)
+        b = t.to(dtype) * inv_temperature
+    stats = partial_stats(a, b)
+    kl = kl_from_stats(stats, reverse)
+    loss_rows = torch.where(valid, kl, 0).to(torch.float32)
+    if not compute_grad:
+        return loss_rows, student.new_empty(0)
+    m_s, s_s = stats.m_s.unsqueeze(-1), stats.s_s.unsqueeze(-1)
+    m_t, s_t = stats.m_t.unsqueeze(-1), stats.s_t.unsqueeze(-1)
+    finite_a = a != NEG_INF
+    p = torch.where(finite_a, torch.exp(torch.where(finite_a, a, 0) - m_s) / s_s, 0)
+    if reverse:  # p·(log p − log q − KL)/T, with log p − log q = (a − b) − (m_s − m_t) − log(S_s/S_t)
+        c = (m_s - m_t) + torch.log(s_s / s_t) + kl.unsqueeze(-1)
+        g = torch.where(finite_a, p * (torch.where(finite_a, a - b, 0) - c), 0)
+    else:  # (p − q)/T
+        finite_b = b != NEG_INF
+        q = torch.where(finite_b, torch.exp(torch.where(finite_b, b, 0) - m_t) / s_t, 0)
+        g = p - q
+    scale = grad_scale.to(dtype) * inv_temperature
+    g = torch.where(valid.unsqueeze(-1), g * scale, 0)
+    return loss_rows, g.to(student.dtype).contiguous()
+
+
+def kl_scale_grad_(grad: torch.Tensor, applied: torch.Tensor, grad_output_rows: torch.Tensor) -> None:
+    """Contract `kl_scale_grad_`: rescale each row of `grad` from `applied[r]` to `grad_output_rows[r]` in place."""
+    g = grad_output_rows.to(torch.float32)
+    ratio = torch.where(g != applied, g / applied, 1.0)  # exactly 1 where nothing changes: bitwise stable
+    grad.copy_(grad.to(torch.promote_types(grad.dtype, torch.float32)) * ratio.unsqueeze(-1))
+    applied.copy_(g)

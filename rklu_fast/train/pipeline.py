@@ -1,0 +1,288 @@
+"""The stages of a run — finetune → augment → unlearn — and what they read and write under ``run_dir``.
+
+    <run_dir>/config.yaml, versions.json     the resolved config and package versions
+    <run_dir>/tokenizer/                     the BPE trained offline (model.train_tokenizer)
+    <run_dir>/<role>/model/                  final model of a role: original, oracle, augmented, unlearned
+    <run_dir>/<role>/checkpoints/epoch-K/    epoch checkpoints (model + optimizer/scheduler/RNG/step)
+    <run_dir>/<role>/log.jsonl, tensorboard/ per-step metrics
+    <run_dir>/summary.json                   answer probabilities before/after unlearning
+
+A role whose ``model/`` exists is done and skipped, so ``rklu run`` picks up where it stopped; a role with
+checkpoints but no model was interrupted and continues from its last checkpoint with ``--resume``.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+
+from rklu_fast.config import ConfigError
+from rklu_fast.data.chunks import chunk_text
+from rklu_fast.data.templates import encode_qa, get_template
+from rklu_fast.data.tofu import load_tofu
+from rklu_fast.train import checkpoint, loop
+from rklu_fast.train.methods import make_method, make_retain_term
+from rklu_fast.train.metrics import mean_answer_probability
+from rklu_fast.train.teacher import OnlineTeacher, check_same_vocab
+
+ROLES = ("original", "oracle", "augmented", "unlearned")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Run:
+    """One run directory and its config; ``resume`` continues interrupted stages from their last checkpoint;
+    ``stop_after_steps`` stops the first stage that trains after that many steps (a simulated kill)."""
+
+    def __init__(self, config: dict, resume: bool = False, stop_after_steps: int | None = None):
+        self.cfg, self.resume, self.stop_after_steps = config, resume, stop_after_steps
+        self.dir = Path(config["run_dir"])
+        self.template = get_template(config["model"]["template"])
+        self._accelerator = None
+        self.stopped = False
+
+    # ------------------------------------------------------------------ checks before any compute
+    def preflight(self, stages: tuple[str, ...]) -> None:
+        """Config against the run dir, data, model references, vocabularies: errors before any training."""
+        saved = self.dir / "config.yaml"
+        if saved.is_file():
+            old = yaml.safe_load(saved.read_text())
+            changed = sorted(_diff(old, self.cfg))
+            if changed:
+                raise ConfigError(f"run_dir: {self.dir} was started with a different config (changed: "
+                                  f"{', '.join(changed)}); use a new run_dir or the same config")
+        self.forget_records, self.retain_records = self._records()
+        for role in self._roles(stages):
+            ckpts = checkpoint.epoch_checkpoints(self.dir / role / "checkpoints")
+            if ckpts and not (self.dir / role / "model").is_dir() and not self.resume:
+                raise ConfigError(f"run_dir: the {role!r} stage in {self.dir} was interrupted at {ckpts[-1].name}; "
+                                  "continue it with --resume (or use a new run_dir)")
+        given = {"finetune.original": self.cfg["finetune"]["original"], "finetune.oracle": self.cfg["finetune"]["oracle"],
+                 "augment.model": self.cfg["augment"]["model"], "model.name_or_path": self.cfg["model"]["name_or_path"]}
+        for key, ref in given.items():
+            if ref is not None and _looks_local(ref) and not Path(ref).exists():
+                raise FileNotFoundError(f"{key}: no such model directory {ref!r}")
+        self.tokenizer = self._tokenizer()
+        self._check_vocab(given)
+
+    def _roles(self, stages):
+        roles = []
+        if "finetune" in stages:
+            roles += ["original"] + (["oracle"] if self._makes_oracle() else [])
+        if "augment" in stages:
+            roles.append("augmented")
+        if "unlearn" in stages:
+            roles.append("unlearned")
+        return roles
+
+    def _makes_oracle(self) -> bool:
+        return self.cfg["finetune"]["make_oracle"] and self.cfg["data"]["retain"] is not None
+
+    def _check_vocab(self, given: dict) -> None:
+        from transformers import AutoConfig
+
+        sizes = {}
+        for key, ref in given.items():
+            if ref is not None:
+                sizes[key] = AutoConfig.from_pretrained(ref).vocab_size
+        for role in ROLES:
+            if (self.dir / role / "model").is_dir():
+                sizes[f"{role} ({self.dir / role / 'model'})"] = AutoConfig.from_pretrained(
+                    self.dir / role / "model").vocab_size
+        if len(set(sizes.values())) > 1:
+            raise ConfigError(f"vocab mismatch between student and teacher models (vocab sizes: {sizes}); the "
+                              "teacher is built token by token, so all models must share one tokenizer")
+        if sizes and len(self.tokenizer) > min(sizes.values()):
+            raise ConfigError(f"model.tokenizer: has {len(self.tokenizer)} tokens but the models' vocab size is "
+                              f"{min(sizes.values())}")
+
+    def save_run_info(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+        versions = {"python": platform.python_version()}
+        for pkg in ("rklu_fast", "torch", "transformers", "accelerate", "tokenizers", "datasets", "triton"):
+            try:
+                versions[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                versions[pkg] = None
+        (self.dir / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ data, tokenizer, models
+    def _records(self):
+        data = self.cfg["data"]
+        if data["kind"] == "text":
+            path = Path(data["text_file"])
+            if not path.is_file():
+                raise FileNotFoundError(f"data.text_file: no such file {str(path)!r}")
+            return path.read_text(encoding="utf-8"), None
+        forget = load_tofu(data["forget"], data["source"])
+        retain = load_tofu(data["retain"], data["source"]) if data["retain"] else None
+        if retain is not None and data["max_retain"] is not None:
+            retain = retain[:data["max_retain"]]
+        return forget, retain
+
+    def _tokenizer(self):
+        m = self.cfg["model"]
+        if m["train_tokenizer"]:
+            from rklu_fast.data.tokenizer import load_or_train_tokenizer
+
+            def texts():
+                if self.cfg["data"]["kind"] == "text":
+                    return [self.forget_records]
+                return [self.template.full(r["question"], r["answer"])
+                        for r in self.forget_records + (self.retain_records or [])]
+
+            tokenizer = load_or_train_tokenizer(self.dir / "tokenizer", texts, m["train_tokenizer"])
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(m["tokenizer"] or m["name_or_path"])
+        if tokenizer.pad_token is None:  # Llama-2 has none; TOFU pads with EOS (padding is masked anyway)
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def encode(self, records) -> list[dict]:
+        if isinstance(records, str):  # plain text (Harry Potter setting)
+            return chunk_text(self.tokenizer, records, self.cfg["data"]["chunk_length"])
+        max_length = self.cfg["model"]["max_length"]
+        return [dict(encode_qa(self.tokenizer, self.template, r["question"], r["answer"], max_length), index=i)
+                for i, r in enumerate(records)]
+
+    @property
+    def accelerator(self):
+        if self._accelerator is None:
+            from accelerate import Accelerator
+
+            self._accelerator = Accelerator(mixed_precision=self.cfg["precision"], cpu=self.cfg["cpu"])
+        return self._accelerator
+
+    def model_path(self, role: str) -> str:
+        given = {"original": self.cfg["finetune"]["original"], "oracle": self.cfg["finetune"]["oracle"],
+                 "augmented": self.cfg["augment"]["model"]}.get(role)
+        return given or str(self.dir / role / "model")
+
+    def load_model(self, path: str | Path | None):
+        """``path`` in ``save_pretrained`` form or a hub id; ``None``: the base model (untrained for random_init)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        m = self.cfg["model"]
+        dtype = _DTYPES[m["dtype"]]
+        if path is not None:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if m["random_init"] is None:
+            return AutoModelForCausalLM.from_pretrained(m["name_or_path"], dtype=dtype)
+        spec = dict(m["random_init"])
+        arch = spec.pop("architecture")
+        tok = self.tokenizer
+        config = AutoConfig.for_model(arch, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **spec)
+        torch.manual_seed(self.cfg["seed"])  # the original and the oracle start from the same weights
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    # ------------------------------------------------------------------ stages
+    def _train_role(self, role, init, method, forget, stage, **kwargs) -> bool:
+        """Train one role unless it is done; returns False when stopped early (simulated kill)."""
+        out = self.dir / role
+        if (out / "model").is_dir():
+            print(f"[rklu] {role}: done ({out / 'model'}), skipping")
+            return True
+        if self.stopped:
+            return False
+        ckpts = checkpoint.epoch_checkpoints(out / "checkpoints")
+        resume_from = ckpts[-1] if ckpts and self.resume else None
+        if resume_from is not None:
+            print(f"[rklu] {role}: resuming from {resume_from}")
+        model = self.load_model(resume_from if resume_from is not None else init)
+        torch.manual_seed(self.cfg["seed"])
+        finished = loop.train(model, self.tokenizer, method, forget, stage, out, self.accelerator,
+                              seed=self.cfg["seed"], resume_from=resume_from, stop_after_steps=self.stop_after_steps,
+                              log_every=self.cfg["log"]["every"], tensorboard=self.cfg["log"]["tensorboard"],
+                              keep_last=self.cfg["checkpoint"]["keep_last"], desc=role, **kwargs)
+        if not finished:
+            self.stopped = True
+            print(f"[rklu] {role}: stopped after {self.stop_after_steps} steps; continue with --resume")
+            return False
+        checkpoint.save_model(out / "model", self.accelerator.unwrap_model(model), self.tokenizer)
+        print(f"[rklu] {role}: saved {out / 'model'}")
+        return True
+
+    def finetune(self) -> bool:
+        """The original on retain ∪ forget (TOFU's ``full``) and the oracle on retain, from the base model."""
+        if self.cfg["data"]["kind"] == "text":
+            return True
+        nll = make_method("nll")
+        forget = self.encode(self.forget_records)
+        retain = self.encode(self.retain_records) if self.retain_records else []
+        ok = True
+        if self.cfg["finetune"]["original"] is None:
+            ok = self._train_role("original", None, nll, retain + forget, self.cfg["finetune"])
+        if ok and self._makes_oracle() and self.cfg["finetune"]["oracle"] is None:
+            ok = self._train_role("oracle", None, nll, retain, self.cfg["finetune"])
+        return ok
+
+    def augment(self) -> bool:
+        """The augmented model: the original fine-tuned further on the forget set."""
+        if self.cfg["augment"]["model"] is not None:
+            return True
+        self._require("original", "finetune")
+        return self._train_role("augmented", self.model_path("original"), make_method("nll"),
+                                self.encode(self.forget_records), self.cfg["augment"])
+
+    def unlearn(self) -> bool:
+        """The student starts from the original; the teacher is formed online from the two frozen models."""
+        self._require("original", "finetune")
+        self._require("augmented", "augment")
+        u = self.cfg["unlearn"]
+        if (self.dir / "unlearned" / "model").is_dir():
+            print(f"[rklu] unlearned: done ({self.dir / 'unlearned' / 'model'}), skipping")
+            return True
+        original = self.load_model(self.model_path("original"))
+        augmented = self.load_model(self.model_path("augmented"))
+        teacher = OnlineTeacher(original.to(self.accelerator.device), augmented.to(self.accelerator.device))
+        retain_term = make_retain_term(u["retain_term"], u["backend"])
+        retain = self.encode(self.retain_records) if retain_term is not None else None
+        # The student is checked against the teacher's models before training (same vocabulary, token by token).
+        check_same_vocab(original=original, augmented=augmented)
+        return self._train_role("unlearned", self.model_path("original"),
+                                make_method(u["method"], alpha=u["alpha"], backend=u["backend"]),
+                                self.encode(self.forget_records), u, teacher=teacher, retain_examples=retain,
+                                retain_term=retain_term, retain_weight=u["retain_weight"])
+
+    def _require(self, role: str, stage: str) -> None:
+        path = self.model_path(role)
+        if _looks_local(path) and not Path(path).exists():
+            raise FileNotFoundError(f"{role}: no model at {path}; run `rklu {stage}` first (or give its path "
+                                    f"in the config)")
+
+    def summary(self) -> dict:
+        """Mean answer probability on forget and retain, original (before) vs unlearned (after); printed."""
+        n = self.cfg["eval"]["max_examples"]
+        sets = {"forget": self.encode(self.forget_records)[:n]}
+        if self.retain_records:
+            sets["retain"] = self.encode(self.retain_records)[:n]
+        result = {}
+        for label, role in (("before", "original"), ("after", "unlearned")):
+            model = self.load_model(self.model_path(role)).to(self.accelerator.device)
+            result[label] = {name: mean_answer_probability(model, ex, self.tokenizer.pad_token_id)
+                             for name, ex in sets.items()}
+        (self.dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        print("\nmean answer probability      " + "  ".join(f"{name:>8}" for name in sets))
+        for label, role in (("before", "original"), ("after", "unlearned")):
+            print(f"{label:>6} unlearning ({role:>9})  " + "  ".join(f"{result[label][k]:8.4f}" for k in sets))
+        return result
+
+
+def _looks_local(ref: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; absolute, ``./``-relative or deeper references are paths."""
+    ref = str(ref)
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists()
+
+
+def _diff(old, new, prefix="") -> set[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = set(old) | set(new)
+        return set().union(*(_diff(old.get(k), new.get(k), f"{prefix}{k}.") for k in keys)) if keys else set()
+    return {prefix.rstrip(".")} if old != new else set()

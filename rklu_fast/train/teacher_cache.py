@@ -1,0 +1,205 @@
+"""The teacher cache: one forward of the two frozen models over the forget set, then the models can be freed.
+
+The teacher of RKLU is fixed while the student trains, so its inputs — the original's and the augmented model's
+logits on the forget set's answer tokens — can be computed once.  The cache stores exactly the rows the online
+path feeds ``reverse_kl_loss(..., teacher_rows="valid")``: for example ``i``, the rows of ``logits[:, :-1]``
+whose next-token label ``labels[:, 1:]`` is not ignored, in order, in the dtype the models produced.  A batch's
+teacher is then the concatenation of its examples' rows in batch order (row-major), which is what
+``teacher_rows="valid"`` expects, so cached and online losses are computed from the same numbers.
+
+Storage: host memory (``path=None``) or a directory with two raw memory-mapped row files (``original.bin``,
+``augmented.bin``, read lazily through ``torch.from_file``) and ``meta.json``; the directory is written
+atomically and ``meta.json`` records the key (model, data and template fingerprints, dtype, vocab).  Opening a
+cache with a different key raises ``StaleTeacherCache`` naming every field that differs.
+
+Size: ``rows × vocab × itemsize × 2``; TOFU forget10 (≈ 400 answers) on Llama-2 in bf16 is a few GB.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from rklu_fast.data.collate import IGNORE_INDEX
+from rklu_fast.train.checkpoint import atomic_directory
+
+FORMAT_VERSION = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StaleTeacherCache(ValueError):
+    """A cache built for other models, data, template, dtype or vocab than the run asks for."""
+
+
+def _sha(chunks: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A cheap identity of a model's weights: names, shapes, dtypes and an evenly strided sample of each tensor.
+
+    Reading every byte of a 7B model would take longer than the cache saves on small forget sets; fine-tuning
+    changes (nearly) every element, so a strided sample of each tensor tells two fine-tunes of one base apart.
+    """
+    def chunks():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // samples_per_tensor)
+            sample = flat[::step][:samples_per_tensor].to("cpu", torch.float32).contiguous()
+            yield f"{name}:{tuple(t.shape)}:{t.dtype};".encode()
+            yield sample.numpy().tobytes()
+    return _sha(chunks())
+
+
+def data_fingerprint(examples: list[dict]) -> str:
+    """Identity of the tokenised forget set (ids and labels of every example, in index order): it changes with
+    the data, the tokenizer, the template and ``max_length``."""
+    def chunks():
+        for e in examples:
+            yield json.dumps([list(map(int, e["input_ids"])), list(map(int, e["labels"]))]).encode()
+    return _sha(chunks())
+
+
+def template_fingerprint(template) -> str:
+    """Identity of a prompt template (``rklu_fast.data.Template`` or any dataclass/str)."""
+    fields = asdict(template) if hasattr(template, "__dataclass_fields__") else str(template)
+    return _sha([json.dumps(fields, sort_keys=True).encode()])
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What a cache was computed from; every field must match for the cache to be used."""
+    original: str
+    augmented: str
+    data: str
+    template: str
+    dtype: str
+    vocab_size: int
+
+
+def answer_row_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Per example, the number of valid teacher rows: labels[:, 1:] that are not ignored (the op never shifts)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def model_logits_fn(original: torch.nn.Module, augmented: torch.nn.Module) -> Callable:
+    """The online teacher forward: ``batch -> (original logits, augmented logits)``, both ``[B, T, V]``."""
+    @torch.no_grad()
+    def logits(batch: dict):
+        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return original(**kw).logits, augmented(**kw).logits
+    return logits
+
+
+class TeacherCache:
+    """Valid answer rows of the original and augmented logits, per forget-set example.
+
+    ``rows(indices)`` returns the teacher tensors of a batch of those examples, in the order ``teacher_rows=
+    "valid"`` expects.
+    """
+
+    def __init__(self, original: torch.Tensor, augmented: torch.Tensor, offsets: torch.Tensor, key: CacheKey):
+        self.original, self.augmented, self.offsets, self.key = original, augmented, offsets, key
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.offsets) - 1
+
+    def nbytes(self) -> int:
+        return self.original.numel() * self.original.element_size() * 2
+
+    @classmethod
+    def build(cls, logits_fn: Callable, batches: Iterable[dict], num_examples: int, key: CacheKey,
+              path: str | Path | None = None, row_counts: torch.Tensor | None = None) -> "TeacherCache":
+        """One pass of ``logits_fn`` (e.g. ``model_logits_fn(original, augmented)`` or the online teacher's
+        forward) over ``batches``; each batch holds ``index`` (example ids), ``input_ids``, ``attention_mask``,
+        ``labels``.  ``row_counts`` (per example, e.g. from ``answer_row_counts``) sizes the storage up front so
+        rows stream straight into the file; without it they are counted from the batches first.
+        """
+        batches = list(batches) if row_counts is None else batches
+        if row_counts is None:
+            row_counts = torch.zeros(num_examples, dtype=torch.long)
+            for b in batches:
+                row_counts[b["index"]] = answer_row_counts(b["labels"]).cpu()
+        if len(row_counts) != num_examples:
+            raise ValueError(f"row_counts: {len(row_counts)} entries for num_examples={num_examples}")
+        offsets = torch.zeros(num_examples + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(row_counts, 0)
+        shape, dtype = (int(offsets[-1]), key.vocab_size), _DTYPES[key.dtype]
+
+        def fill(orig_store: torch.Tensor, aug_store: torch.Tensor) -> None:
+            seen = torch.zeros(num_examples, dtype=torch.bool)
+            for batch in batches:
+                orig, aug = logits_fn(batch)
+                for name, t in (("original", orig), ("augmented", aug)):
+                    if t.dtype != dtype or t.shape[-1] != key.vocab_size:
+                        raise ValueError(f"{name} logits: {t.dtype} [..., {t.shape[-1]}] but the cache key says "
+                                         f"{key.dtype} [..., {key.vocab_size}]")
+                valid = (batch["labels"][:, 1:] != IGNORE_INDEX).to(orig.device)
+                for j, i in enumerate(batch["index"].tolist()):
+                    lo, hi = int(offsets[i]), int(offsets[i + 1])
+                    if int(valid[j].sum()) != hi - lo:
+                        raise ValueError(f"batch: example {i} has {int(valid[j].sum())} answer rows, "
+                                         f"row_counts says {hi - lo}")
+                    orig_store[lo:hi] = orig[j, :-1][valid[j]].cpu()
+                    aug_store[lo:hi] = aug[j, :-1][valid[j]].cpu()
+                    seen[i] = True
+            if not bool(seen.all()):
+                missing = (~seen).nonzero().flatten()[:10].tolist()
+                raise ValueError(f"batches: examples {missing}... never appeared; the cache needs every example")
+
+        if path is None:
+            orig_store, aug_store = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+            fill(orig_store, aug_store)
+            return cls(orig_store, aug_store, offsets, key)
+        n = shape[0] * shape[1]
+        with atomic_directory(path) as tmp:
+            stores = [torch.from_file(str(tmp / f), shared=True, size=n, dtype=dtype).view(shape)
+                      for f in ("original.bin", "augmented.bin")]
+            fill(*stores)
+            del stores  # unmap (flushes the pages) before the directory is fsynced and renamed
+            meta = {"format": FORMAT_VERSION, "key": asdict(key), "rows": shape[0], "offsets": offsets.tolist()}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+        return cls.load(path, key)
+
+    @classmethod
+    def load(cls, path: str | Path, expected: CacheKey | None = None) -> "TeacherCache":
+        """Memory-map a cache directory; with ``expected``, refuse it unless its key matches field by field."""
+        path = Path(path)
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"teacher cache: no {path / 'meta.json'} (not a finished cache directory)")
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise StaleTeacherCache(f"teacher cache {path}: format {meta.get('format')}, this version reads "
+                                    f"{FORMAT_VERSION}; delete it to rebuild")
+        key = CacheKey(**meta["key"])
+        if expected is not None and key != expected:
+            diffs = [f"{f}: cache has {getattr(key, f)!r}, run needs {getattr(expected, f)!r}"
+                     for f in expected.__dataclass_fields__ if getattr(key, f) != getattr(expected, f)]
+            raise StaleTeacherCache(f"teacher cache {path} was built for something else — " + "; ".join(diffs)
+                                    + ". Delete the directory (or point the run at a new one) to rebuild it.")
+        shape, dtype = (meta["rows"], key.vocab_size), _DTYPES[key.dtype]
+        n = shape[0] * shape[1]
+        stores = [torch.from_file(str(path / f), shared=False, size=n, dtype=dtype).view(shape)
+                  for f in ("original.bin", "augmented.bin")]
+        return cls(*stores, torch.tensor(meta["offsets"], dtype=torch.long), key)
+
+    def rows(self, indices: torch.Tensor | list[int], device: torch.device | str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher rows ``(original, augmented)`` of a batch of examples, concatenated in batch order."""
+        idx = torch.as_tensor(indices, dtype=torch.long).tolist()
+        if any(i < 0 or i >= self.num_examples for i in idx):
+            raise ValueError(f"indices: must lie in [0, {self.num_examples}), got {idx}")
+        spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in idx]
+        out = []
+        for store in (self.original, self.augmented):
+            t = torch.cat([store[lo:hi] for lo, hi in spans])
+            out.append(t if device is None else t.to(device, non_blocking=True))
+        return out[0], out[1]

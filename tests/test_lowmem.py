@@ -1,0 +1,110 @@
+"""bf16 weights that still learn at lr 1e-5; optimizer options; gradient checkpointing; the 7B memory budget."""
+import pytest
+import torch
+
+from rklu_fast.train.lowmem import (BF16AdamW, GiB, build_optimizer, estimate_training_memory,
+                                    set_gradient_checkpointing, stochastic_round_to_bf16)
+
+
+def _regression(seed: int):
+    """A linear model with LLM-like weights (std 0.02) and a target it can move towards for many steps."""
+    g = torch.Generator().manual_seed(seed)
+    w0 = (torch.randn(64, 64, generator=g) * 0.02).to(torch.bfloat16).float()  # bf16-representable start
+    x = torch.randn(256, 64, generator=g)
+    y = x @ (w0 + torch.randn(64, 64, generator=g) * 0.02)
+    return w0, x, y
+
+
+def _train(w0, x, y, make_opt, dtype, steps=300):
+    w = torch.nn.Parameter(w0.clone().to(dtype))
+    opt = make_opt([w])
+    for _ in range(steps):
+        opt.zero_grad()
+        ((x.to(dtype) @ w).float() - y).pow(2).mean().backward()
+        opt.step()
+    return w.detach().float()
+
+
+@pytest.mark.parametrize("update,min_cos,max_norm_err", [("kahan", 0.999, 0.01), ("stochastic", 0.95, 0.1)])
+def test_bf16_weights_track_fp32_master_at_lr_1e_5(update, min_cos, max_norm_err):
+    w0, x, y = _regression(seed=torch.seed() % 2**31)
+    kw = dict(lr=1e-5, weight_decay=0.01)
+    ref = _train(w0, x, y, lambda p: torch.optim.AdamW(p, **kw), torch.float32) - w0
+    ours = _train(w0, x, y, lambda p: BF16AdamW(p, update=update, **kw), torch.bfloat16) - w0
+    naive = _train(w0, x, y, lambda p: torch.optim.AdamW(p, **kw), torch.bfloat16) - w0
+    # 300 steps of ~1e-5 move each weight ~3e-3 in fp32; naive bf16 rounds nearly every update away
+    assert ref.norm() > 0.5 * 3e-3 * 64
+    assert naive.norm() < 0.2 * ref.norm()
+    cos = torch.nn.functional.cosine_similarity(ours.flatten(), ref.flatten(), dim=0)
+    assert cos > min_cos
+    assert abs(ours.norm() / ref.norm() - 1) < max_norm_err
+
+
+def test_fp32_states_kahan_matches_torch_adamw_closely():
+    """With fp32 states the arithmetic is torch.optim.AdamW's; only the bf16 storage of weights differs."""
+    w0, x, y = _regression(seed=1)
+    kw = dict(lr=1e-4, weight_decay=0.01)
+    ref = _train(w0, x, y, lambda p: torch.optim.AdamW(p, **kw), torch.float32, steps=50)
+    ours = _train(w0, x, y, lambda p: BF16AdamW(p, state_dtype=torch.float32, **kw), torch.bfloat16, steps=50)
+    # within bf16 rounding of the weights themselves (ulp(0.05) ≈ 2.4e-4, half of it from the last rounding)
+    assert (ours - ref).abs().max() < 3e-4
+
+
+def test_stochastic_rounding_is_unbiased_and_brackets():
+    x = torch.randn(1000) * 3
+    lo = x.to(torch.bfloat16)  # nearest; the two neighbours bracket x
+    samples = torch.stack([stochastic_round_to_bf16(x, torch.Generator().manual_seed(s)) for s in range(400)]).float()
+    up = torch.nextafter(lo, torch.tensor(float("inf"), dtype=torch.bfloat16)).float()
+    down = torch.nextafter(lo, torch.tensor(float("-inf"), dtype=torch.bfloat16)).float()
+    assert ((samples >= down) & (samples <= up)).all()
+    ulp = (up - down) / 2
+    # mean of 400 draws: error ≤ ~ulp/(2·sqrt(400)) per element; 5 sigma
+    assert ((samples.mean(0) - x).abs() <= 5 * ulp / (2 * 20)).float().mean() > 0.999
+    with pytest.raises(TypeError, match="x: expected float32"):
+        stochastic_round_to_bf16(x.double())
+
+
+def test_optimizer_options_and_errors():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    assert isinstance(build_optimizer([p], "adamw_bf16", lr=1e-5, update="stochastic"), BF16AdamW)
+    assert isinstance(build_optimizer([p], "adamw", lr=1e-5), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="optimizer: must be one of"):
+        build_optimizer([p], "sgd", lr=1e-5)
+    with pytest.raises(ValueError, match="update: must be one of"):
+        BF16AdamW([p], update="round")
+    with pytest.raises(TypeError, match="params: BF16AdamW is for bf16"):
+        BF16AdamW([torch.nn.Parameter(torch.zeros(3))])
+    try:
+        build_optimizer([p], "adamw_8bit", lr=1e-5)
+    except ValueError as e:  # neither torchao nor bitsandbytes here: the error says what to install
+        assert "torchao" in str(e) and "bitsandbytes" in str(e)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg)
+    model.train()
+    ids = torch.randint(0, 96, (2, 12))
+    grads = []
+    for enabled in (False, True):
+        set_gradient_checkpointing(model, enabled)
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_llama2_7b_cached_full_parameter_plan_fits_75_gib():
+    """The documented plan (docs/memory-and-scale.md): bf16 weights + grads, bf16 states, Kahan, checkpointing,
+    micro-batch 4 × 512 tokens, teacher cached (no teacher model on the GPU)."""
+    llama7b = dict(n_params=6_738_415_616, n_layers=32, hidden=4096, vocab=32000, tokens_per_micro_batch=4 * 512)
+    plan = estimate_training_memory(**llama7b, optimizer="adamw_bf16", update="kahan")
+    assert plan["total"] <= 75
+    assert abs(plan["weights"] - 6_738_415_616 * 2 / GiB) < 1e-9  # 12.55 GiB, the hand figure
+    # the naive plan (fp32 weights, fp32 Adam states, teachers online) does not fit
+    naive = estimate_training_memory(**llama7b, weight_bytes=4, grad_bytes=4, optimizer="adamw_fp32",
+                                     gradient_checkpointing=False, teacher_models_on_gpu=2)
+    assert naive["total"] > 75
