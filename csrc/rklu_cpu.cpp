@@ -11,8 +11,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
+#include "rklu_checks.h"
 #include "rklu_math.h"
 
 namespace {
@@ -183,61 +185,12 @@ void row_grad(const Problem& pb, int64_t srow, int64_t trow, const rklu::RowResu
   }
 }
 
-// ------------------------------------------------------------------------------------------------ argument checks
-void check_logits(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, "rklu_fast: ", name, " must be 2-D [rows, vocab], got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
-              "rklu_fast: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "rklu_fast: ", name,
-              " must have stride(1) == 1 (rows may be strided), got strides ", t.strides());
-}
-
-void check_fwd_args(const at::Tensor& student, const at::Tensor& original, const std::optional<at::Tensor>& augmented,
-                    const at::Tensor& teacher_row, const at::Tensor& grad_scale, double inv_temperature) {
-  check_logits(student, "student");
-  check_logits(original, "original");
-  TORCH_CHECK(original.size(1) == student.size(1), "rklu_fast: original has vocab ", original.size(1),
-              ", student has ", student.size(1));
-  if (augmented.has_value()) {
-    check_logits(*augmented, "augmented");
-    TORCH_CHECK(augmented->sizes() == original.sizes(), "rklu_fast: augmented shape ", augmented->sizes(),
-                " differs from original shape ", original.sizes());
-    TORCH_CHECK(augmented->device() == student.device(), "rklu_fast: augmented is on ", augmented->device(),
-                ", student on ", student.device());
-  }
-  TORCH_CHECK(original.device() == student.device(), "rklu_fast: original is on ", original.device(),
-              ", student on ", student.device());
-  TORCH_CHECK(teacher_row.scalar_type() == at::kLong && teacher_row.dim() == 1 &&
-                  teacher_row.size(0) == student.size(0),
-              "rklu_fast: teacher_row must be int64 of shape [", student.size(0), "], got ", teacher_row.scalar_type(),
-              " ", teacher_row.sizes());
-  TORCH_CHECK(teacher_row.device() == student.device(), "rklu_fast: teacher_row is on ", teacher_row.device(),
-              ", student on ", student.device());
-  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
-              "rklu_fast: grad_scale must be a float32 tensor with one element, got ", grad_scale.scalar_type(), " ",
-              grad_scale.sizes());
-  TORCH_CHECK(grad_scale.device() == student.device(), "rklu_fast: grad_scale is on ", grad_scale.device(),
-              ", student on ", student.device());
-  TORCH_CHECK(inv_temperature > 0.0, "rklu_fast: inv_temperature must be > 0, got ", inv_temperature);
-}
-
-void check_scale_args(const at::Tensor& grad, const at::Tensor& applied, const at::Tensor& grad_output_rows) {
-  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "rklu_fast: grad must be the contiguous [N, V] tensor from kl_fwd");
-  for (const at::Tensor* t : {&applied, &grad_output_rows}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == grad.size(0) && t->is_contiguous(),
-                "rklu_fast: applied and grad_output_rows must be contiguous float32 [", grad.size(0), "], got ",
-                t->scalar_type(), " ", t->sizes());
-    TORCH_CHECK(t->device() == grad.device(), "rklu_fast: applied/grad_output_rows on ", t->device(), ", grad on ",
-                grad.device());
-  }
-}
-
 // ----------------------------------------------------------------------------------------------- CPU operators
 std::tuple<at::Tensor, at::Tensor> kl_fwd_cpu(const at::Tensor& student, const at::Tensor& original,
                                               const std::optional<at::Tensor>& augmented, const at::Tensor& teacher_row,
                                               const at::Tensor& grad_scale, double alpha, double inv_temperature,
                                               bool reverse, bool compute_grad) {
-  check_fwd_args(student, original, augmented, teacher_row, grad_scale, inv_temperature);
+  rklu::check_fwd_args(student, original, augmented, teacher_row, grad_scale, inv_temperature);
   const int64_t N = student.size(0), V = student.size(1), M = original.size(0);
   at::Tensor loss = at::empty({N}, student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty({N, V}, student.options()) : at::empty({0}, student.options());
@@ -277,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> kl_fwd_cpu(const at::Tensor& student, const a
 }
 
 void kl_scale_grad_cpu(at::Tensor& grad, at::Tensor& applied, const at::Tensor& grad_output_rows) {
-  check_scale_args(grad, applied, grad_output_rows);
+  rklu::check_scale_args(grad, applied, grad_output_rows);
   const int64_t N = grad.size(0), V = grad.size(1);
   float* applied_p = applied.data_ptr<float>();
   const float* g_p = grad_output_rows.data_ptr<float>();
@@ -307,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> kl_fwd_meta(const at::Tensor& student, const 
                                                const std::optional<at::Tensor>& augmented,
                                                const at::Tensor& teacher_row, const at::Tensor& grad_scale,
                                                double alpha, double inv_temperature, bool reverse, bool compute_grad) {
-  check_fwd_args(student, original, augmented, teacher_row, grad_scale, inv_temperature);
+  rklu::check_fwd_args(student, original, augmented, teacher_row, grad_scale, inv_temperature);
   at::Tensor loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty({student.size(0), student.size(1)}, student.options())
                                  : at::empty({0}, student.options());
@@ -315,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> kl_fwd_meta(const at::Tensor& student, const 
 }
 
 void kl_scale_grad_meta(at::Tensor& grad, at::Tensor& applied, const at::Tensor& grad_output_rows) {
-  check_scale_args(grad, applied, grad_output_rows);
+  rklu::check_scale_args(grad, applied, grad_output_rows);
 }
 
 }  // namespace

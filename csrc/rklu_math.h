@@ -34,13 +34,7 @@ RKLU_HD float rk_exp(float x) {
   return std::exp(x);
 #endif
 }
-RKLU_HD float rk_log(float x) {
-#if defined(__CUDA_ARCH__)
-  return __logf(x);
-#else
-  return std::log(x);
-#endif
-}
+RKLU_HD float rk_log(float x) { return logf(x); }  // a few calls per row: the accurate one
 RKLU_HD float rk_where(bool c, float x, float y) { return c ? x : y; }
 // max that propagates NaN from either side (fmaxf would drop it and hide a NaN row)
 RKLU_HD float rk_max(float x, float y) { return (x > y || x != x) ? x : y; }
@@ -48,7 +42,8 @@ RKLU_HD float rk_max(float x, float y) { return (x > y || x != x) ? x : y; }
 #if !defined(__CUDACC__)
 // --------------------------------------------------------------------------- primitives: at::vec (CPU kernel only)
 using Vec = at::vec::Vectorized<float>;
-inline Vec rk_exp(Vec x) { return x.exp_u20(); }  // ≤ 20 ulp; x < ln(FLT_MIN) (incl. −inf) gives 0; NaN rows: see rows
+// ≤ 20 ulp; x < ln(FLT_MIN), −inf included, gives 0. It maps NaN to a number: NaN rows are caught by row_is_nan.
+inline Vec rk_exp(Vec x) { return x.exp_u20(); }
 inline Vec rk_where(Vec mask, Vec x, Vec y) { return Vec::blendv(y, x, mask); }
 inline Vec rk_max(Vec x, Vec y) { return at::vec::maximum(x, y); }  // NaN-propagating
 #endif
@@ -73,7 +68,7 @@ RKLU_HD V numerator_term(V x, V y, V e) {
   return rk_where(x == V(-kInf), V(0.f), rk_where(y == V(-kInf), V(kInf), e * (x - y)));
 }
 
-// reverse gradient (times `coef` = grad_scale/T): p·((a − b) − shift) with shift = lse_a − lse_b + KL; 0 where a = −inf.
+// reverse gradient (times `coef` = grad_scale/T): p·((a − b) − shift), shift = lse_a − lse_b + KL; 0 where a = −inf.
 template <class V>
 RKLU_HD V grad_reverse(V a, V b, float lse_a, float shift, float coef) {
   V g = rk_exp(a - V(lse_a)) * ((a - b) - V(shift)) * V(coef);

@@ -3,7 +3,7 @@
 Arguments are checked here (shapes, dtypes, devices: no host sync), then every backend sits behind ONE autograd
 entry, the custom op `rklu_fast::kl_div` (docs/kernel-contract.md). The forward writes the gradient when it will
 be needed (it has the row statistics at hand); the backward only rescales it in place by the incoming gradient
-through the mutating op `rklu_fast::kl_scale_grad_`, which is a no-op when that gradient is 1.
+with the backend's `kl_scale_grad_`, which is a no-op when that gradient is 1 (out of place under graph capture).
 
 Rows are never copied when the student (or teacher) is a view whose rows lie on a regular grid: `[N, V]` with any
 row stride, and `[B, T, V]` slices such as the causal-LM shift `logits[:, :-1]`. Such a `[B, T, V]` view is read
@@ -18,6 +18,7 @@ import numbers
 from typing import NamedTuple, Optional, Union
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from rklu_fast.backends import implementation, resolve
 from rklu_fast.reference import teacher_logits
@@ -131,16 +132,9 @@ def _(student, original, augmented, teacher_row, grad_scale, alpha, inv_temperat
     return teacher_row.new_empty(teacher_row.shape, dtype=torch.float32), grad, applied
 
 
-@torch.library.custom_op("rklu_fast::kl_scale_grad_", mutates_args=("grad", "applied"))
-def kl_scale_grad_(grad: torch.Tensor, applied: torch.Tensor, grad_output_rows: torch.Tensor,
-                   backend: str) -> None:
-    """Rescale each gradient row from `applied[r]` to `grad_output_rows[r]` (contract `kl_scale_grad_`)."""
-    implementation(backend).kl_scale_grad_(grad, applied, grad_output_rows)
-
-
-@kl_scale_grad_.register_fake
-def _(grad, applied, grad_output_rows, backend):
-    return None
+def _own_version(t: torch.Tensor) -> torch.Tensor:
+    """A tensor over the memory of `t` whose in-place updates do not bump `t`'s autograd version counter."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 def _setup_context(ctx, inputs, output):
@@ -150,6 +144,7 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
     ctx.shape = tuple(student.shape)
     ctx.layout = row_layout(student) or row_layout(student.contiguous())
+    ctx.backwards_done = False
 
 
 def _backward(ctx, grad_rows, _grad_grad, _grad_applied):
@@ -159,7 +154,17 @@ def _backward(ctx, grad_rows, _grad_grad, _grad_applied):
     lay = ctx.layout
     g = torch.ones(lay.padded_rows, dtype=torch.float32, device=grad.device)  # 1 on gap rows: nothing to do
     g[_logical_rows(lay, grad.device)] = grad_rows.to(torch.float32)
-    torch.ops.rklu_fast.kl_scale_grad_(grad, applied, g, ctx.backend)
+    first = not ctx.backwards_done
+    ctx.backwards_done = True
+    if first and not (torch.compiler.is_compiling() or is_fake(grad)):
+        # In place (reading only g when g == 1), through aliases with their own version counters: the saved
+        # tensors are updated on purpose, and a retained graph must still unpack them for a second backward.
+        implementation(ctx.backend).kl_scale_grad_(_own_version(grad), _own_version(applied), g)
+    else:
+        # Graph capture (torch.compile, opcheck) cannot mutate a forward output in the backward, and a later
+        # backward (retain_graph=True) must not change a gradient already handed out: scale out of place.
+        ratio = torch.where(g != applied, g / applied, 1.0)  # exactly 1 where unchanged: bitwise the same
+        grad = (grad.to(torch.promote_types(grad.dtype, torch.float32)) * ratio.unsqueeze(-1)).to(grad.dtype)
     # The logical rows of the padded gradient in the student's shape: a view, the gradient is not copied.
     v = ctx.shape[-1]
     grouped = grad.as_strided((lay.groups, lay.per_group, v), (lay.group_stride * v, v, 1))

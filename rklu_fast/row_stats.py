@@ -35,19 +35,21 @@ class RowStats(NamedTuple):
 
 
 def _side(x: torch.Tensor, other: torch.Tensor):
-    """(max, Σ e^{x−max}, Σ e^{x−max}(x − other), e^{x−max}) over the last dim, with the −inf rules."""
+    """(max, Σ e^{x−max}, Σ e^{x−max}(x − other)) over the last dim, with the −inf rules."""
     finite = x != NEG_INF  # NaN counts as present, so it propagates
     m = x.amax(dim=-1)
     m_safe = torch.where(m == NEG_INF, torch.zeros_like(m), m)
     e = torch.where(finite, torch.exp(torch.where(finite, x, 0) - m_safe.unsqueeze(-1)), 0)
-    diff = torch.where(finite, x - other, 0)  # own −inf: 0 (no 0·inf); other −inf: +inf
-    return m, e.sum(-1), (e * diff).sum(-1), e
+    diff = torch.where(finite, x - other, 0)  # own −inf: 0 (no 0·inf)
+    # A finite logit against −inf gives +inf, even where e^{x−max} underflows to 0 (0·inf would be NaN).
+    terms = torch.where(finite & (other == NEG_INF), float("inf"), e * diff)
+    return m, e.sum(-1), terms.sum(-1)
 
 
 def partial_stats(a: torch.Tensor, b: torch.Tensor) -> RowStats:
     """Statistics of scaled student logits `a` and scaled teacher logits `b` (same shape `[..., V_slice]`)."""
-    m_s, s_s, w_s, _ = _side(a, b)
-    m_t, s_t, w_t, _ = _side(b, a)
+    m_s, s_s, w_s = _side(a, b)
+    m_t, s_t, w_t = _side(b, a)
     return RowStats(m_s, s_s, w_s, m_t, s_t, w_t)
 
 

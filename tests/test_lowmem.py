@@ -20,7 +20,7 @@ def _train(w0, x, y, make_opt, dtype, steps=300):
     opt = make_opt([w])
     for _ in range(steps):
         opt.zero_grad()
-        ((x.to(dtype) @ w).float() - y).pow(2).mean().backward()
+        (x @ w.float() - y).pow(2).mean().backward()  # fp32 compute: only storage differs
         opt.step()
     return w.detach().float()
 
@@ -32,9 +32,10 @@ def test_bf16_weights_track_fp32_master_at_lr_1e_5(update, min_cos, max_norm_err
     ref = _train(w0, x, y, lambda p: torch.optim.AdamW(p, **kw), torch.float32) - w0
     ours = _train(w0, x, y, lambda p: BF16AdamW(p, update=update, **kw), torch.bfloat16) - w0
     naive = _train(w0, x, y, lambda p: torch.optim.AdamW(p, **kw), torch.bfloat16) - w0
-    # 300 steps of ~1e-5 move each weight ~3e-3 in fp32; naive bf16 rounds nearly every update away
+    # 300 steps of ~1e-5 move each weight ~3e-3 in fp32; naive bf16 rounds away every update smaller than
+    # half an ulp (all but the weights nearest zero)
     assert ref.norm() > 0.5 * 3e-3 * 64
-    assert naive.norm() < 0.2 * ref.norm()
+    assert naive.norm() < 0.5 * ref.norm()
     cos = torch.nn.functional.cosine_similarity(ours.flatten(), ref.flatten(), dim=0)
     assert cos > min_cos
     assert abs(ours.norm() / ref.norm() - 1) < max_norm_err
@@ -46,8 +47,8 @@ def test_fp32_states_kahan_matches_torch_adamw_closely():
     kw = dict(lr=1e-4, weight_decay=0.01)
     ref = _train(w0, x, y, lambda p: torch.optim.AdamW(p, **kw), torch.float32, steps=50)
     ours = _train(w0, x, y, lambda p: BF16AdamW(p, state_dtype=torch.float32, **kw), torch.bfloat16, steps=50)
-    # within bf16 rounding of the weights themselves (ulp(0.05) ≈ 2.4e-4, half of it from the last rounding)
-    assert (ours - ref).abs().max() < 3e-4
+    # within one bf16 ulp (2⁻⁷ relative) of the fp32 run: the storage rounding, not drift
+    assert ((ours - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6).all()
 
 
 def test_stochastic_rounding_is_unbiased_and_brackets():

@@ -104,11 +104,17 @@ def scores_from_tofu_section(section: dict, split: str) -> SplitScores:
     gt = np.asarray(_values(section, "avg_gt_loss", where), dtype=np.float64)
     prob = answer_probability(gt) if split in ("retain", "forget") else normalised_probability(gt, pert)
     prompts = rouge = None
-    if section.get("generated_text"):
-        prompts = [t[0] for t in _values(section, "generated_text", where)]
-    if section.get("rougeL_recall"):
+    if "generated_text" in section:  # present but empty is an error (_values), absent is allowed
+        texts = _values(section, "generated_text", where)
+        if any(not isinstance(t, (list, tuple)) or len(t) != 3 for t in texts):
+            raise ValueError(f"log: {where!r}/'generated_text' entries must be [prompt, generation, gold]")
+        prompts = [t[0] for t in texts]
+    if "rougeL_recall" in section:
         rouge = np.asarray(_values(section, "rougeL_recall", where), dtype=np.float64)
     s = truth_ratio_stat(_values(section, "avg_paraphrased_loss", where), pert)
+    sizes = {len(v) for v in (pert, gt, s, prompts, rouge) if v is not None}
+    if len(sizes) != 1:
+        raise ValueError(f"log: the metrics of {where!r} hold different numbers of samples {sorted(sizes)}")
     return SplitScores(truth_stat=s, prob=prob, rouge=rouge, prompts=prompts)
 
 

@@ -62,6 +62,44 @@ def _forward(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+def accumulate_gradients(model, method, forget_examples: list[dict], micro_batch_size: int, pad_token_id: int,
+                         accelerator, *, teacher=None, retain_examples: list[dict] | None = None, retain_term=None,
+                         retain_weight: float = 1.0) -> dict:
+    """Forward/backward over the micro-batches of one optimizer step; gradients accumulate in ``.grad``.
+
+    Each forget micro-batch is paired with a retain micro-batch.  Returns the step's summed loss terms, the mean
+    forget-answer probability, the methods' stats averaged over micro-batches, and the token count.
+    """
+    retain_examples = retain_examples if retain_term is not None else []
+    f_batches = list(_micro_batches(forget_examples, micro_batch_size, pad_token_id, accelerator.device))
+    r_batches = list(_micro_batches(retain_examples, micro_batch_size, pad_token_id, accelerator.device))
+    n_forget = sum(count_answer_tokens(b["labels"]) for b in f_batches)
+    n_retain = sum(count_answer_tokens(b["labels"]) for b in r_batches)
+    sums = {"forget_loss": 0.0, "forget_prob": 0.0, "tokens": 0}
+    extra: dict[str, list[float]] = {}
+    for i, f_batch in enumerate(f_batches):
+        with accelerator.autocast():
+            logits = _forward(model, f_batch)
+            loss, stats = method.loss(logits, f_batch, teacher, n_forget)
+        accelerator.backward(loss)
+        sums["forget_loss"] += loss.item()
+        sums["forget_prob"] += answer_probability_per_example(logits.detach(), f_batch["labels"]).sum().item()
+        sums["tokens"] += int(f_batch["attention_mask"].sum())
+        for k, v in stats.items():
+            extra.setdefault(k, []).append(v)
+        del logits, loss  # free the forget graph before the retain forward
+        if retain_term is not None:
+            r_batch = r_batches[i]
+            with accelerator.autocast():
+                r_loss, _ = retain_term.loss(_forward(model, r_batch), r_batch, teacher, n_retain)
+            accelerator.backward(retain_weight * r_loss)
+            sums["retain_loss"] = sums.get("retain_loss", 0.0) + r_loss.item()
+            sums["tokens"] += int(r_batch["attention_mask"].sum())
+    sums["forget_prob"] /= len(forget_examples)
+    sums.update({k: sum(v) / len(v) for k, v in extra.items()})
+    return sums
+
+
 def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, out_dir: str | Path, accelerator, *,
           teacher=None, retain_examples: list[dict] | None = None, retain_term=None, retain_weight: float = 1.0,
           seed: int = 0, resume_from: str | Path | None = None, stop_after_steps: int | None = None,
@@ -101,29 +139,8 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         t0 = time.perf_counter()
         f_examples = forget.step(step)
         r_examples = retain.step(step) if retain is not None else []
-        n_forget = sum(count_answer_tokens(b["labels"]) for b in _micro_batches(f_examples, micro, pad_id, "cpu"))
-        n_retain = sum(count_answer_tokens(b["labels"]) for b in _micro_batches(r_examples, micro, pad_id, "cpu"))
-        sums = {"forget_loss": 0.0, "retain_loss": 0.0, "forget_prob": 0.0}
-        extra: dict[str, list[float]] = {}
-        tokens = 0
-        r_batches = _micro_batches(r_examples, micro, pad_id, accelerator.device)
-        for f_batch in _micro_batches(f_examples, micro, pad_id, accelerator.device):
-            with accelerator.autocast():
-                logits = _forward(model, f_batch)
-                loss, stats = method.loss(logits, f_batch, teacher, n_forget)
-            accelerator.backward(loss)
-            sums["forget_loss"] += loss.item()
-            sums["forget_prob"] += answer_probability_per_example(logits.detach(), f_batch["labels"]).sum().item()
-            for k, v in stats.items():
-                extra.setdefault(k, []).append(v)
-            tokens += int(f_batch["attention_mask"].sum())
-            if retain is not None:
-                r_batch = next(r_batches)
-                with accelerator.autocast():
-                    r_loss, _ = retain_term.loss(_forward(model, r_batch), r_batch, teacher, n_retain)
-                accelerator.backward(retain_weight * r_loss)
-                sums["retain_loss"] += r_loss.item()
-                tokens += int(r_batch["attention_mask"].sum())
+        sums = accumulate_gradients(model, method, f_examples, micro, pad_id, accelerator, teacher=teacher,
+                                    retain_examples=r_examples, retain_term=retain_term, retain_weight=retain_weight)
         grad_norm = None
         if stage["max_grad_norm"] is not None:
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), stage["max_grad_norm"]))
@@ -133,20 +150,17 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
+        tokens = sums.pop("tokens")
         record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr,
-                  "loss": sums["forget_loss"] + retain_weight * sums["retain_loss"], **sums,
+                  "loss": sums["forget_loss"] + retain_weight * sums.get("retain_loss", 0.0), **sums,
                   "tokens_per_s": tokens / (time.perf_counter() - t0), "grad_norm": grad_norm}
-        record["forget_prob"] /= len(f_examples)
-        record.update({k: sum(v) / len(v) for k, v in extra.items()})
-        if retain is None:
-            del record["retain_loss"]
         if done % log_every == 0 or done == total:
             log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", p_forget=f"{record['forget_prob']:.3f}")
 
-        if done < total and math.floor(done / steps_per_epoch) > math.floor(step / steps_per_epoch):
-            epoch = math.floor(done / steps_per_epoch)
+        epoch = done * batch // len(forget_examples)  # completed epochs (integer arithmetic: exact boundaries)
+        if done < total and epoch > step * batch // len(forget_examples):
             checkpoint.save_checkpoint(ckpt_dir / f"epoch-{epoch}", accelerator.unwrap_model(model), tokenizer,
                                        step=done, optimizer=optimizer, scheduler=scheduler)
             checkpoint.prune_checkpoints(ckpt_dir, keep_last)

@@ -91,8 +91,8 @@ class BF16AdamW(torch.optim.Optimizer):
                 t = state["step"]
                 gen = torch.Generator(p.device).manual_seed(hash((self.seed, t, index)) & 0x7FFFFFFF)
                 g = p.grad.float()
-                m = state["exp_avg"].float().mul_(beta1).add_(g, alpha=1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                m = state["exp_avg"].to(torch.float32, copy=True).mul_(beta1).add_(g, alpha=1 - beta1)
+                v = state["exp_avg_sq"].to(torch.float32, copy=True).mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 self._store(state["exp_avg"], m, gen)
                 self._store(state["exp_avg_sq"], v, gen)
                 # torch.optim.AdamW's formula, as the change of the weight
