@@ -83,7 +83,7 @@ def reference_loss(inputs, alpha: float, chunk_rows: int = 256) -> float:
 def reference_grad_rows(inputs, alpha: float, rows: int) -> torch.Tensor:
     """float64 d(loss)/d(student) for the first `rows` rows (the divisor is the full count of valid rows)."""
     student, original, augmented, labels = inputs
-    s = student[:rows].double().requires_grad_(True)
+    s = student[:rows].detach().double().requires_grad_(True)
     valid = (labels != M.IGNORE_INDEX).double()
     row_loss = M.row_kl(s, original[:rows], augmented[:rows], alpha, torch.float64) * valid[:rows]
     (row_loss.sum() / valid.sum().clamp_min(1)).backward()

@@ -1,7 +1,7 @@
 // Argument checks shared by the CPU, Meta and CUDA operators (host code): clear errors naming the argument.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

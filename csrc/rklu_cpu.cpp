@@ -5,8 +5,9 @@
 // Per row: pass 1 streams the row in chunks of kChunk entries (converted to fp32 into L1-sized buffers), takes each
 // chunk's max, rebases the running statistics once per chunk and accumulates e^{x−m} with at::vec. Pass 2 (only with
 // compute_grad) re-reads the row — from L2, it was just read — and writes the gradient in the student's dtype.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -7,7 +7,8 @@
 // do not fit are read twice from global memory (the second read mostly hits L2). Each thread handles 8 entries per
 // step: one 16-byte load of bf16/fp16, two of fp32; all arithmetic in fp32. Ignored rows read nothing and write zeros.
 // Everything runs on the current stream; nothing is read back to the host.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -160,6 +160,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         _merge(config, data)
     for assignment in overrides:
         _set_dotted(config, assignment)
+    if config["precision"] is False:  # YAML reads a bare `no` as false
+        config["precision"] = "no"
     _check_types(config, DEFAULTS)
     _check_values(config)
     return config

@@ -46,8 +46,10 @@ def reference_kl(student_logits: torch.Tensor, original_logits: torch.Tensor,
     logq = torch.log_softmax(t.to(dtype) / temperature, dim=-1)
     if not reverse:
         logp, logq = logq, logp
+    absent = logp == NEG_INF
+    logp = torch.where(absent, 0, logp)  # keeps the gradient finite (no 0·inf) on the masked-out terms
     terms = logp.exp() * (logp - logq)
-    return torch.where(logp == NEG_INF, torch.zeros_like(terms), terms).sum(-1)
+    return torch.where(absent, torch.zeros_like(terms), terms).sum(-1)
 
 
 # ---------------------------------------------------------------- the `torch` backend of the kernel contract

@@ -30,7 +30,8 @@ def oracle(student, original, augmented=None, alpha=8.0, *, temperature=1.0, rev
     """Per-row float64 losses (0 on invalid rows) and the float64 gradient of their sum w.r.t. the student,
     computed by autograd through `reference_kl` from the SAME (possibly low-precision) inputs upcast."""
     s = student.detach().double().requires_grad_()
-    rows = reference_kl(s, original.double(), None if augmented is None else augmented.double(), alpha,
+    x = s if valid is None else torch.where(valid.unsqueeze(-1), s, 0)  # keep invalid rows' NaN out of the grad
+    rows = reference_kl(x, original.double(), None if augmented is None else augmented.double(), alpha,
                         temperature=temperature, reverse=reverse)
     if valid is not None:
         rows = torch.where(valid, rows, torch.zeros_like(rows))

@@ -15,7 +15,7 @@ def _regression(seed: int):
     return w0, x, y
 
 
-def _train(w0, x, y, make_opt, dtype, steps=300):
+def _train(w0, x, y, make_opt, dtype, steps=200):
     w = torch.nn.Parameter(w0.clone().to(dtype))
     opt = make_opt([w])
     for _ in range(steps):
@@ -25,20 +25,20 @@ def _train(w0, x, y, make_opt, dtype, steps=300):
     return w.detach().float()
 
 
-@pytest.mark.parametrize("update,min_cos,max_norm_err", [("kahan", 0.999, 0.01), ("stochastic", 0.95, 0.1)])
-def test_bf16_weights_track_fp32_master_at_lr_1e_5(update, min_cos, max_norm_err):
+def test_bf16_weights_track_fp32_master_at_lr_1e_5():
     w0, x, y = _regression(seed=torch.seed() % 2**31)
     kw = dict(lr=1e-5, weight_decay=0.01)
     ref = _train(w0, x, y, lambda p: torch.optim.AdamW(p, **kw), torch.float32) - w0
-    ours = _train(w0, x, y, lambda p: BF16AdamW(p, update=update, **kw), torch.bfloat16) - w0
     naive = _train(w0, x, y, lambda p: torch.optim.AdamW(p, **kw), torch.bfloat16) - w0
-    # 300 steps of ~1e-5 move each weight ~3e-3 in fp32; naive bf16 rounds away every update smaller than
+    # 200 steps of ~1e-5 move each weight ~2e-3 in fp32; naive bf16 rounds away every update smaller than
     # half an ulp (all but the weights nearest zero)
-    assert ref.norm() > 0.5 * 3e-3 * 64
+    assert ref.norm() > 0.5 * 2e-3 * 64
     assert naive.norm() < 0.5 * ref.norm()
-    cos = torch.nn.functional.cosine_similarity(ours.flatten(), ref.flatten(), dim=0)
-    assert cos > min_cos
-    assert abs(ours.norm() / ref.norm() - 1) < max_norm_err
+    for update, min_cos, max_norm_err in (("kahan", 0.999, 0.01), ("stochastic", 0.95, 0.1)):
+        ours = _train(w0, x, y, lambda p: BF16AdamW(p, update=update, **kw), torch.bfloat16) - w0
+        cos = torch.nn.functional.cosine_similarity(ours.flatten(), ref.flatten(), dim=0)
+        assert cos > min_cos, update
+        assert abs(ours.norm() / ref.norm() - 1) < max_norm_err, update
 
 
 def test_fp32_states_kahan_matches_torch_adamw_closely():
@@ -47,8 +47,8 @@ def test_fp32_states_kahan_matches_torch_adamw_closely():
     kw = dict(lr=1e-4, weight_decay=0.01)
     ref = _train(w0, x, y, lambda p: torch.optim.AdamW(p, **kw), torch.float32, steps=50)
     ours = _train(w0, x, y, lambda p: BF16AdamW(p, state_dtype=torch.float32, **kw), torch.bfloat16, steps=50)
-    # within one bf16 ulp (2⁻⁷ relative) of the fp32 run: the storage rounding, not drift
-    assert ((ours - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6).all()
+    # the storage rounding (≤ 1 bf16 ulp per weight), no drift: 2% of the distance travelled
+    assert (ours - ref).norm() < 0.02 * (ref - w0).norm()
 
 
 def test_stochastic_rounding_is_unbiased_and_brackets():

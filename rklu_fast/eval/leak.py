@@ -91,7 +91,8 @@ def leak_probe(model, tokenizer, template: Template, rows: list[dict], *, k: int
             raise ValueError(f"rows: row {i} lacks 'question' or 'answer'")
         found = key_span(r["question"], r["answer"])
         if found is not None:
-            probes.append((r["question"], *found))
+            prefix, span = found
+            probes.append((r["question"], span, prefix))
     if not probes:
         raise ValueError("rows: no answer has a key span (capitalised or numeric words absent from the question)")
     prompts = [template.prompt(q) for q, _, _ in probes]

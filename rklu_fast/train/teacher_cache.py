@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from rklu_fast.data.collate import IGNORE_INDEX
+from rklu_fast.data.collate import IGNORE_INDEX, collate
 from rklu_fast.train.checkpoint import atomic_directory
 
 FORMAT_VERSION = 1
@@ -203,3 +203,57 @@ class TeacherCache:
             t = torch.cat([store[lo:hi] for lo, hi in spans])
             out.append(t if device is None else t.to(device, non_blocking=True))
         return out[0], out[1]
+
+
+def build_forget_cache(logits_fn: Callable, examples: list[dict], key: CacheKey, *, pad_token_id: int,
+                       micro_batch_size: int = 8, device: torch.device | str = "cpu",
+                       path: str | Path | None = None) -> TeacherCache:
+    """The cache of a tokenised forget set (``encode_qa``/``chunk_text`` outputs, in index order), forwarded in
+    micro-batches of consecutive examples."""
+    counts = torch.tensor([sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples])
+
+    def batches():
+        for start in range(0, len(examples), micro_batch_size):
+            chunk = examples[start:start + micro_batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+            batch["index"] = torch.arange(start, start + len(chunk))
+            yield batch
+    return TeacherCache.build(logits_fn, batches(), len(examples), key, path=path, row_counts=counts)
+
+
+class CachedTeacher:
+    """A teacher source (the interface of ``teacher.OnlineTeacher``) that reads a ``TeacherCache``.
+
+    ``logits(batch)`` returns the compact valid rows of the batch's examples, so the loss must be called with
+    ``teacher_rows="valid"`` and unsliced (``self.teacher_rows`` says so).  Examples are found by their token ids
+    (right-padded batches, as ``collate`` makes), so batches need no extra index field.  ``original``: the
+    original model, kept only when the ``KL`` retain term needs its logits on the retain set.
+    """
+    teacher_rows = "valid"
+
+    def __init__(self, cache: TeacherCache, examples: list[dict], original: torch.nn.Module | None = None):
+        if len(examples) != cache.num_examples:
+            raise ValueError(f"examples: {len(examples)} given, the cache holds {cache.num_examples}")
+        self.cache, self.original = cache, original
+        self._index = {tuple(map(int, e["input_ids"])): i for i, e in enumerate(examples)}
+
+    def _indices(self, batch: dict) -> list[int]:
+        lengths = batch["attention_mask"].sum(1).tolist()
+        out = []
+        for row, n in zip(batch["input_ids"].tolist(), lengths):
+            i = self._index.get(tuple(row[:n]))
+            if i is None:
+                raise ValueError("batch: an example is not in the teacher cache (was the cache built from this "
+                                 "forget set with this tokenizer and template?)")
+            out.append(i)
+        return out
+
+    def logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.rows(self._indices(batch), device=batch["input_ids"].device)
+
+    @torch.no_grad()
+    def original_logits(self, batch: dict) -> torch.Tensor:
+        if self.original is None:
+            raise ValueError("teacher: cached mode freed the original model; keep it (original=...) for the KL "
+                             "retain term")
+        return self.original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -1,0 +1,132 @@
+"""The teacher cache stores exactly the rows the online path computes from: cached and online RKLU losses and
+gradients are bitwise equal on CPU; the memory-mapped cache round-trips; a stale cache is refused."""
+import copy
+import random
+
+import pytest
+import torch
+
+import rklu_fast
+from rklu_fast.data.collate import collate
+from rklu_fast.data.templates import get_template
+from rklu_fast.train.teacher_cache import (CachedTeacher, CacheKey, StaleTeacherCache, TeacherCache,
+                                           build_forget_cache, data_fingerprint, model_fingerprint,
+                                           model_logits_fn, template_fingerprint)
+
+PAD = 0
+
+
+def _models(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=80, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    original = LlamaForCausalLM(cfg).eval()
+    augmented = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in augmented.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return original, augmented
+
+
+def _examples(seed, n=7):
+    """Encoded QA-like examples: a question part (label -100) then an answer, varied lengths."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        q, a = rng.randint(2, 6), rng.randint(1, 9)
+        ids = [rng.randint(1, 79) for _ in range(q + a)]
+        out.append({"input_ids": ids, "labels": [-100] * q + ids[q:], "attention_mask": [1] * (q + a)})
+    return out
+
+
+def _key(original, augmented, examples, **changes):
+    fields = dict(original=model_fingerprint(original), augmented=model_fingerprint(augmented),
+                  data=data_fingerprint(examples), template=template_fingerprint(get_template("llama2")),
+                  dtype="float32", vocab_size=80)
+    return CacheKey(**{**fields, **changes})
+
+
+def _online_and_cached_loss(student, teacher_online, teacher_cached, batch):
+    """RKLU loss + student-logit gradient, with the online (all rows, sliced) and cached (valid rows) teacher."""
+    out = []
+    for teacher, rows in ((teacher_online, "all"), (teacher_cached, "valid")):
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits.retain_grad()
+        orig, aug = teacher(batch)
+        if rows == "all":
+            orig, aug = orig[:, :-1], aug[:, :-1]
+        loss = rklu_fast.reverse_kl_loss(logits[:, :-1], orig, aug, alpha=8.0, labels=batch["labels"][:, 1:],
+                                         teacher_rows=rows, backend="torch")
+        loss.backward()
+        out.append((loss.detach(), logits.grad))
+    return out
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_cached_equals_online_bitwise(tmp_path, on_disk):
+    seed = int(torch.seed() % 2**31)
+    original, augmented = _models(seed)
+    student = copy.deepcopy(original).train()
+    examples = _examples(seed)
+    key = _key(original, augmented, examples)
+    online = model_logits_fn(original, augmented)
+    cache = build_forget_cache(online, examples, key, pad_token_id=PAD, micro_batch_size=3,
+                               path=tmp_path / "cache" if on_disk else None)
+    assert cache.num_examples == 7 and cache.original.dtype == torch.float32
+    cached = CachedTeacher(cache, examples)
+    # the batches the cache was built from (forwarding is not batch-invariant in the last bit, see below)
+    for start in (0, 3, 6):
+        batch = collate(examples[start:start + 3], PAD)
+        (l_on, g_on), (l_ca, g_ca) = _online_and_cached_loss(student, online, cached.logits, batch)
+        assert l_on > 0
+        assert torch.equal(l_on, l_ca)
+        assert torch.equal(g_on, g_ca)
+    # another batch composition (a training shuffle): same rows up to the last bits of the forward's rounding,
+    # which depends on the padded width — the cache fixes one value, the online path recomputes per batch
+    batch = collate([examples[5], examples[1], examples[6]], PAD)
+    orig, aug = online(batch)
+    valid = batch["labels"][:, 1:] != -100
+    c_orig, c_aug = cached.logits(batch)
+    torch.testing.assert_close(c_orig, orig[:, :-1][valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_aug, aug[:, :-1][valid], rtol=1e-5, atol=1e-5)
+
+
+def test_memory_mapped_cache_round_trips_and_refuses_stale(tmp_path):
+    original, augmented = _models(1)
+    examples = _examples(1)
+    key = _key(original, augmented, examples)
+    path = tmp_path / "teacher-cache"
+    in_memory = build_forget_cache(model_logits_fn(original, augmented), examples, key, pad_token_id=PAD)
+    build_forget_cache(model_logits_fn(original, augmented), examples, key, pad_token_id=PAD, path=path)
+    loaded = TeacherCache.load(path, key)
+    assert torch.equal(loaded.original, in_memory.original) and torch.equal(loaded.augmented, in_memory.augmented)
+    assert torch.equal(loaded.offsets, in_memory.offsets)
+    assert sorted(p.name for p in path.iterdir()) == ["augmented.bin", "meta.json", "original.bin"]
+
+    # a different augmented model (one weight changed) and a different template: both named in the error
+    changed = copy.deepcopy(augmented)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1.0
+    assert model_fingerprint(changed) != key.augmented
+    stale = _key(original, changed, examples, template=template_fingerprint(get_template("phi")))
+    with pytest.raises(StaleTeacherCache, match=r"augmented: cache has .* template: cache has"):
+        TeacherCache.load(path, stale)
+    # different data (one answer token) changes the data fingerprint
+    other = copy.deepcopy(examples)
+    other[0]["input_ids"][-1] = (other[0]["input_ids"][-1] % 79) + 1
+    other[0]["labels"][-1] = other[0]["input_ids"][-1]
+    with pytest.raises(StaleTeacherCache, match="data: cache has"):
+        TeacherCache.load(path, _key(original, augmented, other))
+    with pytest.raises(ValueError, match="examples: 6 given, the cache holds 7"):
+        CachedTeacher(loaded, examples[:6])
+    with pytest.raises(ValueError, match="not in the teacher cache"):
+        CachedTeacher(loaded, examples).logits(collate(other[:1], PAD))
+    with pytest.raises(ValueError, match="freed the original"):
+        CachedTeacher(loaded, examples).original_logits(collate(examples[:1], PAD))
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        TeacherCache.load(tmp_path / "nothing")
+    # a cache whose dtype differs from what the models produce is refused while building
+    with pytest.raises(ValueError, match="cache key says bfloat16"):
+        build_forget_cache(model_logits_fn(original, augmented), examples,
+                           _key(original, augmented, examples, dtype="bfloat16"), pad_token_id=PAD)
