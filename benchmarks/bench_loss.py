@@ -146,7 +146,7 @@ def time_cpu(step, min_reps: int, min_time_s: float, max_reps: int = 50) -> list
 
 def measure_copy(device: str, args) -> dict:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written: the ceiling for this run."""
-    nbytes = (1 << 30) if device == "cuda" else (256 << 20)
+    nbytes = (1 << 30) if device == "cuda" else (32 << 20) if args.dry_run else (256 << 20)
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     step = lambda: dst.copy_(src)  # noqa: E731
@@ -209,7 +209,7 @@ def measure(method: M.Method, cfg: Config, inputs, ref_loss: float, ref_grad, ct
         row["peak_extra_bytes"] = extra
         row["peak_extra_vs_grad"] = extra / grad_bytes
         if method.kind != "sol":
-            row["loss"] = float(result)
+            row["loss"] = float(result.detach())
             row["loss_rel_err"] = abs(row["loss"] - ref_loss) / abs(ref_loss)
             if cfg.mode == "fwdbwd":
                 g = student.grad[: ref_grad.shape[0]].double().cpu()
@@ -405,36 +405,35 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, stem: Path) -> list[str]:
-    """One PNG per vocab size: time and peak extra memory vs N, per method (0% ignored rows, measured rows)."""
+    """One PNG per vocab size: time and peak extra memory vs N, per method (0% ignored rows, measured rows;
+    interpreter timings left out). A method keeps its colour in every panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    paths = []
+    paths, names = [], list(M.BY_NAME)
     for v in sorted({r["v"] for r in report["rows"]}):
         fig, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
         for i, mode in enumerate(MODES):
-            for name in M.BY_NAME:
+            for name in names:
                 pts = sorted((r["n"], r) for r in report["rows"] if r["method"] == name and r["v"] == v and
                              r["mode"] == mode and r["ignore_frac"] == 0 and r["status"] == "ok")
-                if name.startswith("sol") and mode == "fwd":
-                    pts = sorted((r["n"], r) for r in report["rows"] if r["method"] == name and r["v"] == v and
-                                 r["status"] == "ok")
+                style = {"marker": "o", "label": name, "color": f"C{names.index(name)}"}
                 timed = [(n, r["time_ms"]) for n, r in pts if r["timing_meaningful"]]
                 if timed:
-                    axes[i][0].plot(*zip(*timed), marker="o", label=name)
-                if pts and not name.startswith("sol"):
-                    axes[i][1].plot([n for n, _ in pts], [r["peak_extra_bytes"] / 2**20 for _, r in pts],
-                                    marker="o", label=name)
+                    axes[i][0].plot(*zip(*timed), **style)
+                if pts and M.BY_NAME[name].kind == "loss":
+                    axes[i][1].plot([n for n, _ in pts], [r["peak_extra_bytes"] / 2**20 for _, r in pts], **style)
             for j, what in enumerate(("median time (ms)", "peak extra memory (MiB)")):
                 ax = axes[i][j]
-                ax.set(xscale="log", xlabel="N (rows)", ylabel=what, title=f"{mode}, V={v}")
+                ax.set_xscale("log", base=2)
+                ax.set(xlabel="N (rows)", ylabel=what, title=f"{mode}, V={v}")
                 if any(y > 0 for line in ax.lines for y in line.get_ydata()):
                     ax.set_yscale("log", nonpositive="mask")
                 ax.grid(True, which="both", alpha=0.3)
                 if ax.lines:
                     ax.legend(fontsize=7)
         fig.suptitle(f"reverse-KL loss, {report['device']['name']}, {report['settings']['dtype']}, "
-                     f"0% ignored rows, {report['date']}")
+                     f"0% ignored rows, {report['date'][:16].replace('T', ' ')} UTC")
         fig.tight_layout()
         path = f"{stem}_V{v}.png"
         fig.savefig(path, dpi=90)
@@ -489,8 +488,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ms", type=int, default=25, help="GPU: do_bench warm-up")
     p.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench repetition time")
     p.add_argument("--interp-max-n", type=int, default=256, help="CPU: largest N for Triton-interpreter methods")
-    p.add_argument("--isolation", choices=("method", "single"), help="CPU: a fresh worker process per method "
-                   "(default) or one for all (dry run)")
+    p.add_argument("--isolation", choices=("method", "single", "none"), help="CPU: a fresh worker process per "
+                   "method (default), one for all (dry run), or none (in this process: quickest, memory less clean)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; the dry "
                    "run uses 'eager' to skip code generation)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; rows past it are reported skipped")
@@ -524,6 +523,7 @@ def main(argv=None) -> dict:
     torch._dynamo.config.recompile_limit = 256  # one compile per shape and grad mode, never a silent eager fallback
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before rklu_fast or Liger decorate a Triton kernel
     # Priority order (a time budget cuts the last rows): first vocab, 0% ignored, largest N first; the configs of
     # one input set stay together so its tensors are built once.
     configs = [Config(n, v, args.dtype, ign, mode) for v in args.v for ign in sorted(args.ignore)
@@ -570,14 +570,14 @@ def main(argv=None) -> dict:
     refs = {}
     for key in dict.fromkeys(c.inputs_key for c in configs):
         refs[key] = reference_loss(make_inputs(*key, device=args.device, seed=args.seed), args.alpha)
-    if args.device == "cuda":
-        ctx["probe"] = CudaProbe()
+    if args.device == "cuda" or args.isolation == "none":
+        ctx["probe"] = CudaProbe() if args.device == "cuda" else RssProbe()
 
         def emit(row):
             report["rows"].append(row)
             print(f"  {row['method']:<16} N={row['n']:<6} V={row['v']:<6} ign={row['ignore_frac']:<4} "
                   f"{row['mode']:<7} {row['status']:<11} {fmt(row['time_ms'], '.3f')} ms "
-                  f"{fmt(row['pct_copy_bw'], '.0f')}% {row['reason'] or ''}", flush=True)
+                  f"{fmt(row['pct_copy_bw'], '.0f')}% {(row['reason'] or '')[:80]}", flush=True)
             save()
         run_configs(args.methods, configs, refs, ctx, deadline, emit)
     else:

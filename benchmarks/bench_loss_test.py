@@ -111,29 +111,52 @@ def test_issue4_verdicts_from_rows():
     assert missing["pass"] is None
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_gpu_suite_dry_run_writes_the_schema(tmp_path):
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], cwd=REPO,
-                          env=dict(os.environ, OUT=str(tmp_path)), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    suite = json.loads((tmp_path / "suite.json").read_text())
-    assert suite["dry_run"] is True and {s["name"] for s in suite["steps"]} >= {"build", "test", "bench"}
-    (bench_json,) = tmp_path.glob("bench_loss_*.json")
-    report = json.loads(bench_json.read_text())
+def check_report(report: dict, methods: list[str]) -> None:
+    """The JSON schema: top-level keys, a row with every key for every method at every config, reasons for
+    every row that is not ok, float64-accurate losses where measured."""
     assert report["schema"] == B.SCHEMA and report["copy"]["bandwidth_gbps"] > 0
-    assert {"device", "versions", "settings", "rows", "verdicts", "date"} <= report.keys()
+    assert {"date", "device", "versions", "settings", "rklu_backends", "rows", "verdicts", "wall_s"} <= report.keys()
     configs = {(r["n"], r["v"], r["ignore_frac"], r["mode"]) for r in report["rows"]}
     assert len(configs) == 2 * 1 * 2 * 2  # N {16, 32} x V {512} x ignore {0, .5} x {fwd, fwdbwd}
-    loss_methods = [m.name for m in M.METHODS if m.kind == "loss"]
     for r in report["rows"]:
         assert set(B.ROW_KEYS) <= r.keys()
         assert r["status"] in ("ok", "unavailable", "error", "oom", "skipped")
         assert r["status"] == "ok" or r["reason"]  # never a silent omission
-    for cfg in configs:  # every loss method has a row for every config
-        assert {r["method"] for r in report["rows"] if (r["n"], r["v"], r["ignore_frac"], r["mode"]) == cfg} \
-            >= set(loss_methods)
-    for r in report["rows"]:
         if r["status"] == "ok" and r["loss_rel_err"] is not None:
-            assert r["loss_rel_err"] < 1e-5 and r["time_ms"] > 0
-    assert any(r["method"] == "eager" and r["status"] == "ok" for r in report["rows"])
-    assert bench_json.with_suffix(".md").exists() and list(tmp_path.glob("bench_loss_*_V512.png"))
+            assert r["loss_rel_err"] < 1e-5 and r["time_ms"] > 0 and r["peak_extra_bytes"] is not None
+    loss_methods = {m for m in methods if M.BY_NAME[m].kind == "loss"}
+    for cfg in configs:
+        assert {r["method"] for r in report["rows"] if (r["n"], r["v"], r["ignore_frac"], r["mode"]) == cfg} \
+            >= loss_methods
+    assert any(r["method"] == "eager" and r["status"] == "ok" and r["grad_rel_err"] < 1e-5 for r in report["rows"])
+
+
+def test_dry_run_in_process_writes_the_schema(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        report = B.main(["--dry-run", "--isolation", "none", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    check_report(json.loads(next(tmp_path.glob("bench_loss_*.json")).read_text()), list(M.BY_NAME))
+    assert report["settings"]["dry_run"] and list(tmp_path.glob("bench_loss_*.md"))
+    assert list(tmp_path.glob("bench_loss_*_V512.png"))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_suite_dry_run_writes_the_schema(tmp_path):
+    """The suite script itself, with a worker subprocess; three methods keep it quick (imports dominate)."""
+    methods = ["sol_addcmul", "eager", "rklu_torch"]
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], cwd=REPO,
+                          env=dict(os.environ, OUT=str(tmp_path), BENCH_ARGS="--methods " + " ".join(methods)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert suite["dry_run"] is True
+    assert {s["name"]: s["status"] for s in suite["steps"]} == {
+        "build": "skipped (dry-run)", "test": "skipped (dry-run)", "sanitize": "skipped (dry-run)", "bench": "ok",
+        "train": "skipped (dry-run)"}
+    (bench_json,) = tmp_path.glob("bench_loss_*.json")
+    report = json.loads(bench_json.read_text())
+    check_report(report, methods)
+    assert {r["method"] for r in report["rows"]} == set(methods)
+    assert bench_json.with_suffix(".md").exists() and (tmp_path / "suite.log").stat().st_size > 0

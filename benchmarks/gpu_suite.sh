@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_suite.sh --steps build,bench    # a second call for the benchmark rows a budget cut
 #   bash benchmarks/gpu_suite.sh --dry-run              # anywhere, on CPU: tiny shapes, same JSON schema
 #
+# BENCH_ARGS (environment) is appended to bench_loss.py's arguments, e.g. BENCH_ARGS="--n 16384 --v 32000".
 # Missing wheels (liger-kernel, torchtune) travel in .whl/ (benchmarks/fetch_wheels.sh; carry=[".whl"]).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -107,10 +108,11 @@ step test "$(( $(left) < 200 ? $(left) : 200 ))" $PY -m pytest -q -m "not slow" 
 step sanitize "$(( $(left) < 150 ? $(left) : 150 ))" bash -c sanitize
 TRAIN_RESERVE=0; wanted train && [ -f benchmarks/bench_train_step.py ] && [ "$DRY" = 0 ] && TRAIN_RESERVE=90
 if [ "$DRY" = 1 ]; then
-  step bench 300 $PY benchmarks/bench_loss.py --dry-run --out "$OUT"
+  step bench 300 $PY benchmarks/bench_loss.py --dry-run --out "$OUT" ${BENCH_ARGS:-}
 else  # the benchmark cuts its own lowest-priority rows (reported "skipped") to end 30 s before its step limit
   BENCH_LIMIT=$(( $(left) - TRAIN_RESERVE ))
-  step bench "$BENCH_LIMIT" $PY benchmarks/bench_loss.py --device cuda --out "$OUT" --time-budget $(( BENCH_LIMIT - 30 ))
+  step bench "$BENCH_LIMIT" $PY benchmarks/bench_loss.py --device cuda --out "$OUT" --time-budget $(( BENCH_LIMIT - 30 )) \
+    ${BENCH_ARGS:-}
 fi
 step train "$(left)" bash -c train_step
 

@@ -2,9 +2,10 @@
 // Contract: docs/kernel-contract.md; math: rklu_math.h. Rows run in parallel (at::parallel_for, OpenMP); each row is
 // one thread's work in a fixed order, so results are bitwise the same for any thread count.
 //
-// Per row: pass 1 streams the row in chunks of kChunk entries (converted to fp32 into L1-sized buffers), takes each
-// chunk's max, rebases the running statistics once per chunk and accumulates e^{x−m} with at::vec. Pass 2 (only with
-// compute_grad) re-reads the row — from L2, it was just read — and writes the gradient in the student's dtype.
+// Per row: pass 1 streams the row in chunks of kChunk entries (fp32 read in place, 16-bit converted into L1-sized
+// buffers), writes the chunk's scaled logits to L1 while taking their max, rebases the running statistics once per
+// chunk and accumulates e^{x−m} with at::vec. Pass 2 (only with compute_grad) re-reads the row — mostly from L2, it
+// was just read — and writes the gradient in the student's dtype. No [N, V] temporaries.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 
 #include "rklu_checks.h"
@@ -94,95 +96,120 @@ float hsum(Vec v) {
 
 // ------------------------------------------------------------------------------------------------ the row kernel
 struct Input {
-  const char* data;
+  const char* data;   // nullptr: absent (no augmented model)
   int64_t row_bytes;  // row stride in bytes
-  LoadFn load;
   int64_t elem;
+  bool is_float;      // fp32 rows are read in place; 16-bit rows are converted chunk by chunk
+  LoadFn load;
 };
 
 Input make_input(const at::Tensor& t) {
   return Input{static_cast<const char*>(t.data_ptr()), t.stride(0) * static_cast<int64_t>(t.element_size()),
-               loader(t.scalar_type()), static_cast<int64_t>(t.element_size())};
+               static_cast<int64_t>(t.element_size()), t.scalar_type() == at::kFloat, loader(t.scalar_type())};
+}
+
+// Entries c0..c0+n of a row as fp32: the row itself, or its conversion into `buf`.
+const float* chunk_as_float(const Input& in, int64_t row, int64_t c0, int64_t n, float* buf) {
+  if (in.data == nullptr) return nullptr;
+  const char* src = in.data + row * in.row_bytes + c0 * in.elem;
+  if (in.is_float) return reinterpret_cast<const float*>(src);
+  in.load(src, n, buf);
+  return buf;
+}
+
+// The last, partial vector of a chunk: lanes past `count` hold −inf, which adds nothing to any sum.
+Vec load_tail(const float* p, int64_t count) {
+  alignas(32) float x[kLanes];
+  std::fill(x, x + kLanes, -rklu::kInf);
+  std::copy(p, p + count, x);
+  return Vec::loadu(x);
 }
 
 struct Problem {
-  Input student, original, augmented;  // augmented.data == nullptr: the teacher is `original`
+  Input student, original, augmented;
   int64_t V;
   float alpha, inv_t;
 };
 
-// Scaled logits of one chunk: a = z/T into `a`, b = l_t/T into `b` (`aug` is scratch); the tail up to a whole vector
-// is filled with −inf, which adds nothing to any sum.
-void scaled_chunk(const Problem& pb, int64_t srow, int64_t trow, int64_t c0, int64_t n, float* a, float* b,
-                  float* aug) {
-  const Input& s = pb.student;
-  const Input& o = pb.original;
-  const Input& g = pb.augmented;
-  s.load(s.data + srow * s.row_bytes + c0 * s.elem, n, a);
-  o.load(o.data + trow * o.row_bytes + c0 * o.elem, n, b);
-  const bool has_aug = g.data != nullptr;
-  if (has_aug) g.load(g.data + trow * g.row_bytes + c0 * g.elem, n, aug);
-  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
-  std::fill(a + n, a + padded, -rklu::kInf);
-  std::fill(b + n, b + padded, -rklu::kInf);
-  const Vec inv_t(pb.inv_t);
-  for (int64_t i = 0; i < padded; i += kLanes) {
-    Vec lt = Vec::loadu(b + i);
-    if (has_aug) lt = rklu::teacher_logit(lt, Vec::loadu(aug + i), pb.alpha);
-    (Vec::loadu(a + i) * inv_t).store(a + i);
-    (lt * inv_t).store(b + i);
+// One chunk of a row pair as fp32 pointers, and the scaled logits a = z/T, b = l_t/T of its vector i.
+struct Chunk {
+  const float *s, *o, *g;
+  int64_t n;
+
+  Chunk(const Problem& pb, int64_t srow, int64_t trow, int64_t c0, int64_t n_, float* bs, float* bo, float* bg)
+      : s(chunk_as_float(pb.student, srow, c0, n_, bs)),
+        o(chunk_as_float(pb.original, trow, c0, n_, bo)),
+        g(chunk_as_float(pb.augmented, trow, c0, n_, bg)),
+        n(n_) {}
+
+  void scaled(int64_t i, const Problem& pb, Vec& a, Vec& b) const {
+    const bool whole = i + kLanes <= n;
+    const Vec vs = whole ? Vec::loadu(s + i) : load_tail(s + i, n - i);
+    Vec lt = whole ? Vec::loadu(o + i) : load_tail(o + i, n - i);
+    if (g != nullptr) lt = rklu::teacher_logit(lt, whole ? Vec::loadu(g + i) : load_tail(g + i, n - i), pb.alpha);
+    a = vs * Vec(pb.inv_t);
+    b = lt * Vec(pb.inv_t);
   }
-}
+};
+
+struct Scratch {  // per thread, L1-sized
+  alignas(64) float s[kBuf], o[kBuf], g[kBuf], a[kBuf], b[kBuf];
+};
 
 template <bool kReverse>
-rklu::RowResult row_stats(const Problem& pb, int64_t srow, int64_t trow, float* a, float* b, float* aug) {
+rklu::RowResult row_stats(const Problem& pb, int64_t srow, int64_t trow, Scratch& w) {
   rklu::Stats st_a = rklu::stats_empty(), st_b = rklu::stats_empty();
   for (int64_t c0 = 0; c0 < pb.V; c0 += kChunk) {
-    const int64_t n = std::min(kChunk, pb.V - c0);
-    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
-    scaled_chunk(pb, srow, trow, c0, n, a, b, aug);
+    const Chunk ch(pb, srow, trow, c0, std::min(kChunk, pb.V - c0), w.s, w.o, w.g);
+    // scaled logits into L1 and the chunk's max, then one rebase per chunk and the sums
     Vec ma(-rklu::kInf), mb(-rklu::kInf);
-    for (int64_t i = 0; i < padded; i += kLanes) {
-      ma = rklu::rk_max(ma, Vec::loadu(a + i));
-      mb = rklu::rk_max(mb, Vec::loadu(b + i));
+    for (int64_t i = 0; i < ch.n; i += kLanes) {
+      Vec a, b;
+      ch.scaled(i, pb, a, b);
+      ma = rklu::rk_max(ma, a);
+      mb = rklu::rk_max(mb, b);
+      a.store(w.a + i);
+      b.store(w.b + i);
     }
     st_a = rklu::rebase(st_a, rklu::rk_max(st_a.m, hmax(ma)));
     st_b = rklu::rebase(st_b, rklu::rk_max(st_b.m, hmax(mb)));
     const Vec sh_a(rklu::safe_shift(st_a.m)), sh_b(rklu::safe_shift(st_b.m));
-    Vec sa(0.f), sb(0.f), w(0.f);
-    for (int64_t i = 0; i < padded; i += kLanes) {
-      const Vec va = Vec::loadu(a + i), vb = Vec::loadu(b + i);
-      const Vec ea = rklu::rk_exp(va - sh_a), eb = rklu::rk_exp(vb - sh_b);
+    Vec sa(0.f), sb(0.f), num(0.f);
+    for (int64_t i = 0; i < ch.n; i += kLanes) {
+      const Vec a = Vec::loadu(w.a + i), b = Vec::loadu(w.b + i);
+      const Vec ea = rklu::rk_exp(a - sh_a), eb = rklu::rk_exp(b - sh_b);
       sa += ea;
       sb += eb;
-      w += kReverse ? rklu::numerator_term(va, vb, ea) : rklu::numerator_term(vb, va, eb);
+      num += kReverse ? rklu::numerator_term(a, b, ea) : rklu::numerator_term(b, a, eb);
     }
     st_a.s += hsum(sa);
     st_b.s += hsum(sb);
-    (kReverse ? st_a : st_b).w += hsum(w);
+    (kReverse ? st_a : st_b).w += hsum(num);
   }
   return rklu::finish_row(st_a, st_b, kReverse);
 }
 
 template <bool kReverse>
-void row_grad(const Problem& pb, int64_t srow, int64_t trow, const rklu::RowResult& r, float coef, StoreFn store,
-              char* grad_row, int64_t grad_elem, float* a, float* b, float* aug) {
+void row_grad(const Problem& pb, int64_t srow, int64_t trow, const rklu::RowResult& r, float coef, char* grad_row,
+              const Input& grad_type, StoreFn store, Scratch& w) {
   const bool nan_row = rklu::row_is_nan(r);
   for (int64_t c0 = 0; c0 < pb.V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, pb.V - c0);
-    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+    // fp32 gradients go straight to the output row; 16-bit ones through w.a and one conversion per chunk
+    float* out = grad_type.is_float ? reinterpret_cast<float*>(grad_row) + c0 : w.a;
     if (nan_row) {
-      std::fill(a, a + padded, std::numeric_limits<float>::quiet_NaN());
+      std::fill(out, out + n, std::numeric_limits<float>::quiet_NaN());
     } else {
-      scaled_chunk(pb, srow, trow, c0, n, a, b, aug);
-      for (int64_t i = 0; i < padded; i += kLanes) {
-        const Vec va = Vec::loadu(a + i), vb = Vec::loadu(b + i);
-        const Vec g = kReverse ? rklu::grad_reverse(va, vb, r.lse_a, r.shift, coef)
-                               : rklu::grad_forward(va, vb, r.lse_a, r.lse_b, coef);
-        g.store(a + i);
+      const Chunk ch(pb, srow, trow, c0, n, w.s, w.o, w.g);
+      for (int64_t i = 0; i < n; i += kLanes) {
+        Vec a, b;
+        ch.scaled(i, pb, a, b);
+        const Vec g = kReverse ? rklu::grad_reverse(a, b, r.lse_a, r.shift, coef)
+                               : rklu::grad_forward(a, b, r.lse_a, r.lse_b, coef);
+        g.store(out + i, std::min(kLanes, n - i));
       }
     }
-    store(a, n, grad_row + c0 * grad_elem);
+    if (!grad_type.is_float) store(w.a, n, grad_row + c0 * grad_type.elem);
   }
 }
 
@@ -200,14 +227,14 @@ std::tuple<at::Tensor, at::Tensor> kl_fwd_cpu(const at::Tensor& student, const a
   float* loss_p = loss.data_ptr<float>();
   const float inv_t = static_cast<float>(inv_temperature);
   const float coef = grad_scale.item<float>() * inv_t;  // a CPU tensor: no device sync
-  Problem pb{make_input(student), make_input(original),
-             augmented.has_value() ? make_input(*augmented) : Input{nullptr, 0, nullptr, 0}, V,
-             static_cast<float>(alpha), inv_t};
+  const Input none{nullptr, 0, 0, false, nullptr};
+  const Problem pb{make_input(student), make_input(original), augmented.has_value() ? make_input(*augmented) : none,
+                   V, static_cast<float>(alpha), inv_t};
   StoreFn store = compute_grad ? storer(student.scalar_type()) : nullptr;
   char* grad_p = compute_grad ? static_cast<char*>(grad.data_ptr()) : nullptr;
   const int64_t g_elem = student.element_size();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float a[kBuf], b[kBuf], aug[kBuf];
+    auto scratch = std::make_unique<Scratch>();
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = trow[i];
       TORCH_CHECK(t < M, "rklu_fast: teacher_row[", i, "] = ", t, " but the teacher has ", M, " rows");
@@ -217,13 +244,13 @@ std::tuple<at::Tensor, at::Tensor> kl_fwd_cpu(const at::Tensor& student, const a
         if (compute_grad) std::memset(grad_row, 0, V * g_elem);
         continue;
       }
-      const rklu::RowResult r = reverse ? row_stats<true>(pb, i, t, a, b, aug) : row_stats<false>(pb, i, t, a, b, aug);
+      const rklu::RowResult r = reverse ? row_stats<true>(pb, i, t, *scratch) : row_stats<false>(pb, i, t, *scratch);
       loss_p[i] = r.kl;
       if (!compute_grad) continue;
       if (reverse) {
-        row_grad<true>(pb, i, t, r, coef, store, grad_row, g_elem, a, b, aug);
+        row_grad<true>(pb, i, t, r, coef, grad_row, pb.student, store, *scratch);
       } else {
-        row_grad<false>(pb, i, t, r, coef, store, grad_row, g_elem, a, b, aug);
+        row_grad<false>(pb, i, t, r, coef, grad_row, pb.student, store, *scratch);
       }
     }
   });

@@ -68,12 +68,17 @@ def row_layout(x: torch.Tensor) -> Optional[RowLayout]:
     return None
 
 
+def _layout_used(x: torch.Tensor) -> RowLayout:
+    """The layout the op reads `x` with: its own, or that of a dense copy when its rows are irregular."""
+    n = math.prod(x.shape[:-1])
+    return row_layout(x) or RowLayout(1, n, n, x.shape[-1])
+
+
 def _as_rows(x: torch.Tensor):
     """A `[padded_rows, V]` view of `x` without copying (or a dense copy if its rows are irregular), and the layout."""
-    lay = row_layout(x)
-    if lay is None:
+    lay = _layout_used(x)
+    if row_layout(x) is None:
         x = x.contiguous()
-        lay = row_layout(x)
     return x.as_strided((lay.padded_rows, x.shape[-1]), (lay.row_stride, 1)), lay
 
 
@@ -86,11 +91,6 @@ def _logical_rows(lay: RowLayout, device) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- the custom ops
-def _grad_rows(student: torch.Tensor) -> int:
-    lay = row_layout(student)
-    return (lay or row_layout(student.contiguous())).padded_rows
-
-
 @torch.library.custom_op("rklu_fast::kl_div", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def kl_div(student: torch.Tensor, original: torch.Tensor, augmented: Optional[torch.Tensor],
            teacher_row: torch.Tensor, grad_scale: torch.Tensor, alpha: float, inv_temperature: float,
@@ -126,7 +126,7 @@ def kl_div(student: torch.Tensor, original: torch.Tensor, augmented: Optional[to
 @kl_div.register_fake
 def _(student, original, augmented, teacher_row, grad_scale, alpha, inv_temperature, reverse, compute_grad,
       backend):
-    n_pad = _grad_rows(student)
+    n_pad = _layout_used(student).padded_rows
     grad = student.new_empty((n_pad, student.shape[-1]) if compute_grad else (0,))
     applied = student.new_empty((n_pad if compute_grad else 0,), dtype=torch.float32)
     return teacher_row.new_empty(teacher_row.shape, dtype=torch.float32), grad, applied
@@ -143,7 +143,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad, applied)
     ctx.backend = backend
     ctx.shape = tuple(student.shape)
-    ctx.layout = row_layout(student) or row_layout(student.contiguous())
+    ctx.layout = _layout_used(student)
     ctx.backwards_done = False
 
 

@@ -24,7 +24,7 @@ GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 def expected(student, original, augmented, rows, alpha, inv_t, reverse, grad_scale=1.0):
     """float64 per-row KL and grad_scale·∂KL/∂student, written from the definition (log_softmax), not the kernel's
-    statistics. Ignored rows (rows < 0): 0 and zeros."""
+    statistics, with the contract's −inf rules. Ignored rows (rows < 0): 0 and zeros; NaN KL: a NaN gradient row."""
     valid = rows >= 0
     o = original.double()[rows.clamp(min=0)]
     lt = o
@@ -40,7 +40,9 @@ def expected(student, original, augmented, rows, alpha, inv_t, reverse, grad_sca
     else:
         kl = torch.where(b == -INF, 0.0, q * (logq - logp)).sum(-1)
         grad = p - q
-    grad = grad * inv_t * grad_scale
+    no_distribution = ((a if reverse else b) == -INF).all(-1)  # the side the KL is under has no finite entry
+    kl = torch.where(no_distribution, math.nan, kl)
+    grad = torch.where(kl.isnan()[:, None], math.nan, grad * inv_t * grad_scale)
     return torch.where(valid, kl, 0.0), torch.where(valid[:, None], grad, 0.0)
 
 

@@ -178,3 +178,19 @@ def test_cli_tofu_then_aggregate(tiny, tmp_path, capsys):
     assert "model_utility:" in printed and "forget_quality: 1" in printed and "Truth Ratio Real World" in printed
     assert eval_main(["eval", "aggregate", log, "--retain", str(tmp_path / "missing.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@needs_tofu
+def test_left_padded_batched_generation_equals_one_at_a_time(tiny):
+    from rklu_fast.eval.generate import generate
+
+    model, tok = tiny
+    prompts = [LLAMA2.prompt(r["question"]) for r in load_tofu("forget01")[:3]] + [LLAMA2.prompt("Hi?")]
+    batched = generate(model, tok, prompts, batch_size=4, max_new_tokens=6)
+    single = [generate(model, tok, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
+    assert batched == single
+    assert tok.padding_side == "right"  # restored
+    with pytest.raises(ValueError, match="exactly one"):
+        generate(model, tok, prompts, max_new_tokens=2, max_length=20)
+    with pytest.raises(ValueError, match="nothing to generate"):
+        generate(model, tok, [], max_new_tokens=2)

@@ -214,3 +214,18 @@ def test_autocast_bf16():
     expect_rows, _ = oracle(logits.detach(), teacher)
     torch.testing.assert_close(loss.double(), expect_rows.mean(), rtol=1e-5, atol=1e-6)
     assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_irregular_layouts_fall_back_to_copies(backend):
+    """Rows not on a regular grid, a non-unit vocab stride, and teachers of different layouts: same results."""
+    big = torch.randn(3, 4, 6, 37, requires_grad=True)
+    student = big[:, 1:3, :5]  # three levels of strides: copied inside the op
+    original = torch.randn(37, 3, 2, 5).permute(1, 2, 3, 0)  # vocab stride != 1: copied before the op
+    augmented = torch.randn(3, 2, 6, 37)[:, :, :-1]  # a shifted view, unlike `original`
+    loss = rklu_fast.reverse_kl_loss(student, original, augmented, backend=backend)
+    (g,) = torch.autograd.grad(loss, big)
+    ref_rows, ref_grad = oracle(student.detach(), original, augmented)
+    torch.testing.assert_close(loss.double(), ref_rows.mean(), rtol=1e-5, atol=1e-6)
+    assert_grad_close(g[:, 1:3, :5], ref_grad / ref_rows.numel(), torch.float32)
+    assert torch.equal(g[:, 0], torch.zeros_like(g[:, 0]))

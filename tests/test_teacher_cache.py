@@ -130,3 +130,27 @@ def test_memory_mapped_cache_round_trips_and_refuses_stale(tmp_path):
     with pytest.raises(ValueError, match="cache key says bfloat16"):
         build_forget_cache(model_logits_fn(original, augmented), examples,
                            _key(original, augmented, examples, dtype="bfloat16"), pad_token_id=PAD)
+
+
+def test_make_teacher_modes_and_reuse(tmp_path):
+    from rklu_fast.train.teacher import OnlineTeacher
+    from rklu_fast.train.teacher_cache import make_teacher
+    original, augmented = _models(2)
+    examples = _examples(2)
+    kw = dict(template=get_template("llama2"), pad_token_id=PAD, device="cpu", micro_batch_size=3)
+    assert isinstance(make_teacher("online", original, augmented, examples, **kw), OnlineTeacher)
+    auto = make_teacher("auto", original, augmented, examples, **kw)  # a few kB: fits in memory
+    assert isinstance(auto, CachedTeacher) and auto.original is None
+    on_disk = make_teacher("cached", original, augmented, examples, cache_dir=tmp_path / "c", keep_original=True,
+                           **kw)
+    assert on_disk.original is original
+    batch = collate(examples[:3], PAD)
+    for a, b in zip(auto.logits(batch), on_disk.logits(batch)):
+        assert torch.equal(a, b)
+    # a second run with the same models reuses the directory; other models are refused, naming the field
+    again = make_teacher("cached", original, augmented, examples, cache_dir=tmp_path / "c", **kw)
+    assert torch.equal(again.cache.original, on_disk.cache.original)
+    with pytest.raises(StaleTeacherCache, match="original: cache has"):
+        make_teacher("cached", augmented, augmented, examples, cache_dir=tmp_path / "c", **kw)
+    with pytest.raises(ValueError, match="teacher.mode: must be one of"):
+        make_teacher("sometimes", original, augmented, examples, **kw)

@@ -1,9 +1,9 @@
 """Memory options for training a 7B student on one GPU: bf16 weights whose small updates still land, low-precision
 optimizer states, gradient checkpointing, and the memory arithmetic behind them (docs/memory-and-scale.md).
 
-Why updates vanish in bf16: bf16 keeps 8 significant bits, so a weight w moves only if the update exceeds
-ulp(w)/2 ≈ |w|·2⁻⁹.  A typical weight of 0.02 has ulp ≈ 1.2e-4; an Adam step at lr 1e-5 is ≈ 1e-5 — it rounds
-away every time and the model never trains.  Two cures, both in ``BF16AdamW``:
+Why updates vanish in bf16: bf16 keeps 8 significant bits, so a weight w moves only if the update exceeds half
+an ulp, about |w|/300.  A typical weight of 0.02 has ulp = 2⁻¹³ ≈ 1.2e-4; an Adam step at lr 1e-5 is ≈ 1e-5 —
+it rounds away every time and the model never trains.  Two cures, both in ``BF16AdamW``:
 
 - ``update="kahan"``: a bf16 compensation buffer per weight keeps the part of each update that rounding lost
   and adds it back next step (Kahan summation); the weights follow an fp32-master run closely.  +2 bytes/param.
@@ -139,7 +139,8 @@ def build_optimizer(params, name: str = "adamw", *, lr: float, weight_decay: flo
             import bitsandbytes as bnb
         except ImportError:
             raise ValueError("optimizer: 'adamw_8bit' needs torchao (`pip install torchao`) or bitsandbytes "
-                             "(`pip install bitsandbytes`); neither is installed. 'adamw_bf16' needs neither.") from None
+                             "(`pip install bitsandbytes`); neither is installed. 'adamw_bf16' needs "
+                             "neither.") from None
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ValueError(f"optimizer: must be one of {OPTIMIZERS}, got {name!r}")
 

@@ -16,8 +16,10 @@ Size: ``rows × vocab × itemsize × 2``; TOFU forget10 (≈ 400 answers) on Lla
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -257,3 +259,51 @@ class CachedTeacher:
             raise ValueError("teacher: cached mode freed the original model; keep it (original=...) for the KL "
                              "retain term")
         return self.original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+TEACHER_MODES = ("auto", "online", "cached")
+
+
+def _available_host_bytes() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Module, examples: list[dict], *,
+                 template, pad_token_id: int, device, cache_dir: str | Path | None = None,
+                 keep_original: bool = False, micro_batch_size: int = 8, autocast=contextlib.nullcontext):
+    """The unlearn stage's teacher source (config ``teacher.mode``).
+
+    ``online``: ``OnlineTeacher`` (both models on ``device``).  ``cached``: build (or, with ``cache_dir``, load
+    and check) the cache, then keep neither model unless ``keep_original`` (the ``KL`` retain term).  ``auto``:
+    cached when the cache fits in half the free host memory or ``cache_dir`` is given, else online.  The cache is
+    built under ``autocast`` (the training loop's ``accelerator.autocast``), so it holds the logits, in the
+    dtype, that the online path would compute.
+    """
+    from rklu_fast.train.teacher import OnlineTeacher
+
+    if mode not in TEACHER_MODES:
+        raise ValueError(f"teacher.mode: must be one of {TEACHER_MODES}, got {mode!r}")
+    original, augmented = original.to(device).eval(), augmented.to(device).eval()
+    logits_fn = model_logits_fn(original, augmented)
+
+    def under_autocast(batch):
+        with autocast():
+            return logits_fn(batch)
+    probe = {k: v.to(device) for k, v in collate(examples[:1], pad_token_id).items()}
+    dtype = under_autocast(probe)[0].dtype
+    vocab = original.config.vocab_size
+    rows = sum(sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples)
+    nbytes = 2 * rows * vocab * dtype.itemsize
+    if mode == "auto":
+        mode = "cached" if cache_dir is not None or nbytes <= _available_host_bytes() // 2 else "online"
+    if mode == "online":
+        return OnlineTeacher(original, augmented)
+    key = CacheKey(original=model_fingerprint(original), augmented=model_fingerprint(augmented),
+                   data=data_fingerprint(examples), template=template_fingerprint(template),
+                   dtype=str(dtype).removeprefix("torch."), vocab_size=vocab)
+    if cache_dir is not None and (Path(cache_dir) / "meta.json").is_file():
+        cache = TeacherCache.load(cache_dir, key)  # refuses a stale cache, naming what differs
+    else:
+        cache = build_forget_cache(under_autocast, examples, key, pad_token_id=pad_token_id,
+                                   micro_batch_size=micro_batch_size, device=device, path=cache_dir)
+    return CachedTeacher(cache, examples, original=original if keep_original else None)
