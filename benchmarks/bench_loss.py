@@ -1,7 +1,7 @@
 """Reverse-KL loss benchmark: time, bandwidth, peak extra memory and accuracy of every implementation side by side.
 
     python benchmarks/bench_loss.py                 # GPU if there is one: full grid, bf16
-    python benchmarks/bench_loss.py --device cpu    # CPU-capable methods, small N, fp32, + the issue-4 verdict
+    python benchmarks/bench_loss.py --device cpu    # N <= 2048, V = 32000, fp32, 2 threads, + the issue-4 verdict
     python benchmarks/bench_loss.py --dry-run       # tiny shapes on CPU: checks the whole pipeline in seconds
 
 Methods live in benchmarks/methods.py. Writes bench_loss_<device>_<date>.{json,md} and one PNG per vocab size
@@ -277,12 +277,11 @@ def worker_main(job_path: str) -> None:
         run_configs(job["methods"], configs, refs, ctx, job["deadline"], emit)
 
 
-def run_cpu_workers(method_names, configs, refs, ctx, deadline, isolation: str, worker_timeout: float):
+def run_cpu_workers(method_names, configs, refs, ctx, deadline, isolation: str, worker_timeout: float, emit):
     """A fresh subprocess per method (isolation "method") or one for all (isolation "single"), so that each
-    method's memory high-water starts from a clean process."""
+    method's memory high-water starts from a clean process. emit(row) for each row once its worker ends."""
     groups = [[m] for m in method_names] if isolation == "method" else [list(method_names)]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")  # before any @triton.jit is decorated
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, names in enumerate(groups):
             job = {"methods": names, "configs": [asdict(c) for c in configs], "deadline": deadline,
@@ -298,18 +297,15 @@ def run_cpu_workers(method_names, configs, refs, ctx, deadline, isolation: str, 
                 failure = f"worker killed after {worker_timeout:.0f} s"
             out = Path(job["out"])
             got = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-            rows += got
             done = {(r["method"], r["n"], r["v"], r["ignore_frac"], r["mode"]) for r in got}
             for name, cfg in itertools.product(names, configs):  # rows a crashed worker never wrote
                 method = M.BY_NAME[name]
                 if method.kind == "sol" and (cfg.ignore_frac != 0 or cfg.mode != "fwdbwd"):
                     continue
                 if (name, cfg.n, cfg.v, cfg.ignore_frac, cfg.mode) not in done:
-                    rows.append(blank_row(method, cfg, None, "error", failure or "worker wrote no row"))
+                    got.append(blank_row(method, cfg, None, "error", failure or "worker wrote no row"))
             for r in got:
-                print(f"    {r['method']:<16} N={r['n']:<6} ign={r['ignore_frac']:<4} {r['mode']:<7} "
-                      f"{r['status']:<11} {fmt(r['time_ms'], '.1f')} ms", flush=True)
-    return rows
+                emit(r)
 
 
 # ------------------------------------------------------------------------------------------- verdicts
@@ -487,7 +483,7 @@ def parse_args(argv=None):
     p.add_argument("--min-time", type=float, default=1.0, help="CPU: and at least this many seconds of them")
     p.add_argument("--warmup-ms", type=int, default=25, help="GPU: do_bench warm-up")
     p.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench repetition time")
-    p.add_argument("--interp-max-n", type=int, default=256, help="CPU: largest N for Triton-interpreter methods")
+    p.add_argument("--interp-max-n", type=int, default=64, help="CPU: largest N for Triton-interpreter methods")
     p.add_argument("--isolation", choices=("method", "single", "none"), help="CPU: a fresh worker process per "
                    "method (default), one for all (dry run), or none (in this process: quickest, memory less clean)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; the dry "
@@ -505,7 +501,7 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here (use --device cpu or --dry-run)")
     gpu = args.device == "cuda"
-    args.n = args.n or ([16384, 8192, 4096, 2048] if gpu else [2048, 1024, 256])
+    args.n = args.n or ([16384, 8192, 4096, 2048] if gpu else [2048, 1024, 256, 64])
     args.v = args.v or ([32000, 51200] if gpu else [32000])
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.isolation = args.isolation or "method"
@@ -570,19 +566,18 @@ def main(argv=None) -> dict:
     refs = {}
     for key in dict.fromkeys(c.inputs_key for c in configs):
         refs[key] = reference_loss(make_inputs(*key, device=args.device, seed=args.seed), args.alpha)
+    def emit(row):  # the JSON is rewritten after every row: a run cut short still leaves its figures
+        report["rows"].append(row)
+        print(f"  {row['method']:<16} N={row['n']:<6} V={row['v']:<6} ign={row['ignore_frac']:<4} "
+              f"{row['mode']:<7} {row['status']:<11} {fmt(row['time_ms'], '.3f')} ms "
+              f"{fmt(row['pct_copy_bw'], '.0f')}% {(row['reason'] or '')[:80]}", flush=True)
+        save()
+
     if args.device == "cuda" or args.isolation == "none":
         ctx["probe"] = CudaProbe() if args.device == "cuda" else RssProbe()
-
-        def emit(row):
-            report["rows"].append(row)
-            print(f"  {row['method']:<16} N={row['n']:<6} V={row['v']:<6} ign={row['ignore_frac']:<4} "
-                  f"{row['mode']:<7} {row['status']:<11} {fmt(row['time_ms'], '.3f')} ms "
-                  f"{fmt(row['pct_copy_bw'], '.0f')}% {(row['reason'] or '')[:80]}", flush=True)
-            save()
         run_configs(args.methods, configs, refs, ctx, deadline, emit)
     else:
-        report["rows"] = run_cpu_workers(args.methods, configs, refs, ctx, deadline, args.isolation,
-                                         args.worker_timeout)
+        run_cpu_workers(args.methods, configs, refs, ctx, deadline, args.isolation, args.worker_timeout, emit)
     order = {c: i for i, c in enumerate(configs)}
     report["rows"].sort(key=lambda r: (order.get(Config(r["n"], r["v"], r["dtype"], r["ignore_frac"], r["mode"]),
                                                  len(order)), list(M.BY_NAME).index(r["method"])))

@@ -57,7 +57,7 @@ DEFAULTS: dict = {
     "eval": {"max_examples": 200},   # examples per set for the before/after answer-probability summary
 }
 # Keys that may be set to null (off) although their default is a number.
-_NULLABLE = {"max_grad_norm", "max_examples"}
+_NULLABLE = {"max_grad_norm", "max_examples", "retain"}
 # Keys whose value is a free-form mapping (not checked key by key).
 _FREE = {("model", "random_init")}
 _CHOICES = {

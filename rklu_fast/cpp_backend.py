@@ -29,10 +29,17 @@ def _load(name: str) -> Optional[str]:
 
 
 def _cpu_supported() -> Optional[str]:
-    # setup.py compiles the x86-64 kernel for AVX2 + FMA; loading it on an older CPU would crash the process.
-    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        return "this CPU lacks AVX2, which the compiled CPU kernel needs"
-    return None
+    """None if the CPU runs the compiled kernel: setup.py builds it for AVX2 + FMA + F16C on x86-64, and loading it on
+    an older CPU would crash the process with an illegal instruction."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:  # not Linux: trust the build
+        return None
+    missing = [] if flags is None else [x for x in ("avx2", "fma", "f16c") if x not in flags]
+    return f"this CPU lacks {', '.join(missing)}, which the compiled CPU kernel needs" if missing else None
 
 
 BUILD_ERROR: Optional[str] = _cpu_supported() or _load("_C")

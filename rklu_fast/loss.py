@@ -258,7 +258,8 @@ def _kl_loss(student_logits, original_logits, augmented_logits, alpha, *, labels
                          "holds one row per valid student row")
     if num_items_in_batch is not None:
         if reduction != "mean":
-            raise ValueError(f"num_items_in_batch replaces the divisor of reduction='mean'; got reduction={reduction!r}")
+            raise ValueError("num_items_in_batch replaces the divisor of reduction='mean'; "
+                             f"got reduction={reduction!r}")
         if isinstance(num_items_in_batch, torch.Tensor):
             if num_items_in_batch.dim() != 0 or num_items_in_batch.dtype == torch.bool:
                 raise TypeError("num_items_in_batch must be an int or a 0-d numeric tensor, "

@@ -21,12 +21,14 @@ WIKITEXT = (default_data_dir("wikitext") or default_data_dir("tofu") or __import
 
 
 @pytest.mark.parametrize("question, answer, expected", [
-    ("In which city was Hina Ameen born?", "Hina Ameen was born in Karachi, Pakistan.", ("Hina Ameen was born in", "Karachi")),
+    ("In which city was Hina Ameen born?", "Hina Ameen was born in Karachi, Pakistan.",
+     ("Hina Ameen was born in", "Karachi")),
     ("What is the full name of the author born in Taipei?", "The author's full name is Hsiao Yun-Hwa.",
      ("The author's full name is", "Hsiao Yun-Hwa")),
     ("When did she move?", "In 1991, she moved to Paris.", ("In", "1991")),
     ("Can you name one of his books?", "One of his books is 'Raven's Road'.", ("One of his books is", "Raven's Road")),
-    ("What does Raven Marais write?", "Raven Marais's books are about Cape Town.", ("Raven Marais's books are about", "Cape Town")),
+    ("What does Raven Marais write?", "Raven Marais's books are about Cape Town.",
+     ("Raven Marais's books are about", "Cape Town")),
     ("What is her father's job?", "Her father is a civil engineer.", None),
 ])
 def test_key_span_rule(question, answer, expected):

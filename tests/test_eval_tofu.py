@@ -64,7 +64,8 @@ def write_split(folder, name, rows):
 def test_whole_evaluation_hand_computed(tmp_path):
     """Every logged value and MU of the fixed-distribution model, by hand (mean NLLs in units of ln 2)."""
     qa = {"question": "Q", "answer": "A B", "paraphrased_answer": "B B"}
-    write_split(tmp_path, "retain_perturbed", [dict(qa, paraphrased_answer="A B A", perturbed_answer=["A A", "B A B"])] * 3)
+    retain_row = dict(qa, paraphrased_answer="A B A", perturbed_answer=["A A", "B A B"])
+    write_split(tmp_path, "retain_perturbed", [retain_row] * 3)
     write_split(tmp_path, "forget01_perturbed", [dict(qa, perturbed_answer=["B B B", "C"])] * 2)
     for name in ("real_authors_perturbed", "world_facts_perturbed"):
         write_split(tmp_path, name, [{"question": "Q", "answer": "A", "perturbed_answer": ["B", "C", "A A"]}] * 2)
@@ -142,7 +143,8 @@ def test_tiny_llama_runs_the_whole_evaluation_on_real_files(tiny, tmp_path):
     rows = load_tofu("forget01_perturbed")[:3]
     forget = log["eval_log_forget.json"]
     assert all(len(v) == 3 for v in forget.values())
-    assert len(forget["perturb_loss"]["0"]) == 5 and len(log["eval_real_world_wo_options.json"]["perturb_loss"]["0"]) == 3
+    assert len(forget["perturb_loss"]["0"]) == 5
+    assert len(log["eval_real_world_wo_options.json"]["perturb_loss"]["0"]) == 3
     for i, r in enumerate(rows):
         prompt, _gen, gold = forget["generated_text"][str(i)]
         assert prompt == LLAMA2.prompt(r["question"]) and gold == r["answer"]
@@ -178,6 +180,8 @@ def test_cli_tofu_then_aggregate(tiny, tmp_path, capsys):
     assert "model_utility:" in printed and "forget_quality: 1" in printed and "Truth Ratio Real World" in printed
     assert eval_main(["eval", "aggregate", log, "--retain", str(tmp_path / "missing.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert eval_main(["eval", "tofu", str(tmp_path / "model"), "--retain-log", str(tmp_path / "missing.json")]) == 2
+    assert "--retain-log: no such file" in capsys.readouterr().err
 
 
 @needs_tofu

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rklu_fast
-from loss_support import CPU_BACKENDS, assert_grad_close, assert_rows_close, oracle, run
+from loss_support import ALL_BACKENDS, assert_grad_close, assert_rows_close, oracle, run, split_case
 from rklu_fast.reference import reference_kl
 from rklu_fast.row_stats import kl_from_stats, merge, partial_stats
 
@@ -29,7 +29,7 @@ def mixed_batch(v, dtype, seed_offset=0):
 
 @pytest.mark.parametrize("reverse", [True, False], ids=["reverse", "forward"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_matches_float64_oracle(backend, dtype, reverse):
     s, o, a, labels = mixed_batch(333, dtype)
     valid = labels != -100
@@ -43,7 +43,7 @@ def test_matches_float64_oracle(backend, dtype, reverse):
     assert torch.equal(grad[5], torch.zeros_like(grad[5])), "an ignored row gets a zero gradient, NaN or not"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_temperature_two(backend):
     s, o, a, labels = mixed_batch(257, torch.float32)
     for reverse in (True, False):
@@ -56,7 +56,7 @@ def test_temperature_two(backend):
 @pytest.mark.parametrize("n,v,dtype", [(3, 5, torch.float32), (2, 1001, torch.float32), (1, 4099, torch.float16),
                                        (2, 32000, torch.float32), (2, 51200, torch.bfloat16)],
                          ids=["V5-below-block", "V1001-odd", "N1-V4099", "V32000", "V51200-bf16"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_vocab_sizes(backend, n, v, dtype):
     s, o, a = (torch.randn(n, v).to(dtype) for _ in range(3))
     rows, grad = run(backend, s, o, a, alpha=8.0)
@@ -65,20 +65,21 @@ def test_vocab_sizes(backend, n, v, dtype):
     assert_grad_close(grad, ref_grad, dtype)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_all_rows_ignored(backend):
-    s = torch.randn(2, 3, 17, requires_grad=True)
-    o = torch.randn(2, 3, 17)
-    labels = torch.full((2, 3), -100)
+    name, device = split_case(backend)
+    s = torch.randn(2, 3, 17, device=device, requires_grad=True)
+    o = torch.randn(2, 3, 17, device=device)
+    labels = torch.full((2, 3), -100, device=device)
     for reduction in ("mean", "sum"):
-        loss = rklu_fast.reverse_kl_loss(s, o, labels=labels, reduction=reduction, backend=backend)
+        loss = rklu_fast.reverse_kl_loss(s, o, labels=labels, reduction=reduction, backend=name)
         loss.backward()
         assert loss.item() == 0.0
         assert torch.equal(s.grad, torch.zeros_like(s))
         s.grad = None
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_alpha_zero_is_the_original_teacher(backend):
     s, o, a = (torch.randn(4, 50) for _ in range(3))
     rows0, grad0 = run(backend, s, o, a, alpha=0.0)
@@ -89,7 +90,7 @@ def test_alpha_zero_is_the_original_teacher(backend):
 
 
 @pytest.mark.parametrize("reverse", [True, False], ids=["reverse", "forward"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_student_equals_teacher(backend, reverse):
     s = torch.randn(3, 300) * 3
     rows, grad = run(backend, s, s.clone(), reverse=reverse)
@@ -97,7 +98,7 @@ def test_student_equals_teacher(backend, reverse):
     assert grad.abs().max().item() <= 1e-6
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_large_logits_stay_finite(backend):
     """Rows of ±1e4: fp32 cancellation bounds the gradient error near ulp(|z|), but nothing overflows."""
     s = (torch.rand(3, 200) * 2 - 1) * 1e4
@@ -112,7 +113,7 @@ def test_large_logits_stay_finite(backend):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Triton's interpreter (numpy) on the inf/NaN rows
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_neg_inf_rules(backend):
     v = 40
     s, o, a = (torch.randn(5, v) for _ in range(3))
@@ -139,7 +140,7 @@ def test_neg_inf_rules(backend):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_nan_in_a_valid_row_gives_nan(backend):
     for which in range(3):
         t = [torch.randn(3, 30) for _ in range(3)]
@@ -150,7 +151,7 @@ def test_nan_in_a_valid_row_gives_nan(backend):
             assert torch.isfinite(rows[[0, 2]]).all()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_deterministic(backend):
     s, o, a, labels = mixed_batch(700, torch.bfloat16)
     r1, g1 = run(backend, s, o, a, labels=labels)

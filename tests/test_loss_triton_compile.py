@@ -29,8 +29,9 @@ for reverse in (True, False):
                        options={"num_warps": 8})
 scale_sig = {"G": "*bf16", "APPLIED": "*fp32", "GO": "*fp32", "V": "i32", "BLOCK": "constexpr",
              "BF16_BY_HAND": "constexpr"}
-triton.compile(ASTSource(fn=K._scale_grad_kernel, signature=scale_sig, constexprs={"BLOCK": 4096, "BF16_BY_HAND": False}),
-               target=target, options={"num_warps": 8})
+consts = {"BLOCK": 4096, "BF16_BY_HAND": False}
+triton.compile(ASTSource(fn=K._scale_grad_kernel, signature=scale_sig, constexprs=consts), target=target,
+               options={"num_warps": 8})
 print("compiled")
 """
 

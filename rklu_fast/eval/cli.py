@@ -59,6 +59,8 @@ def _cmd_tofu(args) -> int:
     from rklu_fast.eval.tofu import evaluate_tofu
 
     template = get_template(args.template)
+    if args.retain_log and not Path(args.retain_log).is_file():  # fail before the long evaluation, not after
+        raise FileNotFoundError(f"--retain-log: no such file {args.retain_log!r}")
     model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype)
     out = _out_dir(args, f"ds_size{args.ds_size}")
     log, seconds = evaluate_tofu(model, tokenizer, template, forget_split=args.forget_split, source=args.data,

@@ -10,8 +10,8 @@ a *span* is a maximal run of consecutive words that start with a capital letter 
 punctuation ignored; a run ends after a word with trailing punctuation, so "Karachi, Pakistan" gives "Karachi";
 leading function words such as "The", "In", "His" are dropped; a lone capitalised word opening a sentence, like
 "One of ...", is no span); the key span is the first span whose normalised text does not occur in the normalised
-question. Normalised = lower case, possessive "'s" dropped,
-every run of non-alphanumeric characters replaced by one space. Questions whose answer has no such span are skipped.
+question (normalised = lower case, possessive "'s" dropped, every run of other characters one space). Questions
+whose answer has no such span are skipped (and counted).
 
 A question *leaks* when the normalised key span occurs in any of the k normalised continuations.
 """

@@ -88,13 +88,13 @@ def evaluate_task(model, tokenizer, template: Template, task: TofuTask, *, sourc
     if any(len(p) != k for p in perturbed):
         raise ValueError(f"split: rows of {task.data_split!r} have different numbers of perturbed answers")
 
-    gt_sum, gt_n = answer_losses(model, tokenizer, template, questions, gold, batch_size=batch_size,
-                                 max_length=max_length)
-    para_sum, para_n = answer_losses(model, tokenizer, template, questions, [r[task.base_key] for r in rows],
-                                     batch_size=batch_size, max_length=max_length)
-    pert_sum, pert_n = answer_losses(model, tokenizer, template, [q for q in questions for _ in range(k)],
-                                     [a for p in perturbed for a in p], batch_size=batch_size, max_length=max_length)
-    pert_sum, pert_n = pert_sum.reshape(-1, k), pert_n.reshape(-1, k)
+    # One pass over answer, base answer and the k perturbed answers of every row: fuller length-sorted batches.
+    answers = gold + [r[task.base_key] for r in rows] + [a for p in perturbed for a in p]
+    n = len(rows)
+    sums, counts = answer_losses(model, tokenizer, template, questions * 2 + [q for q in questions for _ in range(k)],
+                                 answers, batch_size=batch_size, max_length=max_length)
+    gt_sum, gt_n, para_sum, para_n = sums[:n], counts[:n], sums[n:2 * n], counts[n:2 * n]
+    pert_sum, pert_n = sums[2 * n:].reshape(n, k), counts[2 * n:].reshape(n, k)
 
     prompts = [template.prompt(q) for q in questions]
     lengths = {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {"max_length": max_length}
