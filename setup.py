@@ -7,19 +7,20 @@ torch.ops.load_library.
 """
 import os
 import platform
-import shutil
 
 from setuptools import setup
 
 # /usr/local/bin/nvcc may be a wrapper, from which torch would guess CUDA_HOME=/usr/local; and with no GPU to ask,
 # torch needs an explicit arch list. Both must be set before cpp_extension is imported.
-os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-CSRC = "csrc"
+CSRC = "csrc"  # sources relative to this file (setuptools wants relative paths); headers found by absolute path
+CSRC_ABS = os.path.join(os.path.dirname(os.path.abspath(__file__)), CSRC)
 # -g0 overrides the -g from Python's CFLAGS (debug info doubles compile time); -fopenmp: at::parallel_for is
 # single-threaded without it.
 CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]
@@ -30,13 +31,13 @@ if platform.machine() in ("x86_64", "AMD64"):
 
 def _want_cuda() -> bool:
     choice = os.environ.get("RKLU_BUILD_CUDA", "").strip()
-    nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
-    possible = torch.version.cuda is not None and (os.path.exists(nvcc) or shutil.which("nvcc") is not None)
+    possible = torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
+        os.path.join(CUDA_HOME, "bin", "nvcc"))
     if choice == "0":
         return False
     if choice == "1" and not possible:
         raise RuntimeError(f"RKLU_BUILD_CUDA=1 but torch {torch.__version__} is not a CUDA build or nvcc is missing "
-                           f"(CUDA_HOME={os.environ['CUDA_HOME']})")
+                           f"(CUDA_HOME={CUDA_HOME})")
     return possible
 
 
@@ -44,7 +45,7 @@ ext_modules = [
     CppExtension(
         "rklu_fast._C",
         [f"{CSRC}/rklu_cpu.cpp"],
-        include_dirs=[os.path.abspath(CSRC)],
+        include_dirs=[CSRC_ABS],
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=["-fopenmp"],
     )
@@ -54,7 +55,7 @@ if _want_cuda():
         CUDAExtension(
             "rklu_fast._C_cuda",
             [f"{CSRC}/rklu_cuda.cu"],
-            include_dirs=[os.path.abspath(CSRC)],
+            include_dirs=[CSRC_ABS],
             extra_compile_args={
                 "cxx": ["-O3", "-g0"],
                 # -Xptxas -v: the register/spill report of every kernel lands in the build log (make install greps it)

@@ -147,7 +147,8 @@ def test_gpu_suite_dry_run_writes_the_schema(tmp_path):
     """The suite script itself, with a worker subprocess; three methods keep it quick (imports dominate)."""
     methods = ["sol_addcmul", "eager", "rklu_torch"]
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], cwd=REPO,
-                          env=dict(os.environ, OUT=str(tmp_path), BENCH_ARGS="--methods " + " ".join(methods)),
+                          env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
+                                   BENCH_ARGS="--methods " + " ".join(methods)),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     suite = json.loads((tmp_path / "suite.json").read_text())

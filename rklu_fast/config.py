@@ -133,6 +133,8 @@ def _check_values(c: dict) -> None:
         raise ConfigError("model.random_init.architecture: required (llama or phi)")
     if c["model"]["name_or_path"] is None and c["model"]["tokenizer"] is None and not c["model"]["train_tokenizer"]:
         raise ConfigError("model.tokenizer: set a tokenizer (hub id / path) or model.train_tokenizer (vocab size)")
+    if c["model"]["tokenizer"] is not None and c["model"]["train_tokenizer"]:
+        raise ConfigError("model.tokenizer: set either model.tokenizer or model.train_tokenizer, not both")
     if c["data"]["kind"] == "text":
         if not c["data"]["text_file"]:
             raise ConfigError("data.text_file: required when data.kind is 'text'")

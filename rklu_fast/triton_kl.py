@@ -13,6 +13,7 @@ reduction order, hence every output bit, is the same run to run (no autotuning o
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -151,6 +152,11 @@ def _launch_shape(v: int):
     return block, (4 if block <= 1024 else 8)
 
 
+def _device_of(t: torch.Tensor):
+    """Launch on the tensor's GPU, not on whichever GPU happens to be current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def kl_fwd(student, original, augmented, teacher_row, grad_scale, alpha: float, inv_temperature: float,
            reverse: bool, compute_grad: bool):
     """Contract `kl_fwd` (docs/kernel-contract.md)."""
@@ -160,11 +166,12 @@ def kl_fwd(student, original, augmented, teacher_row, grad_scale, alpha: float, 
     aug = original if augmented is None else augmented
     block, warps = _launch_shape(v)
     if n:
-        _kl_fwd_kernel[(n,)](student, original, aug, teacher_row, loss, grad, grad_scale,
-                             student.stride(0), original.stride(0), aug.stride(0), v, float(alpha),
-                             float(inv_temperature), HAS_AUG=augmented is not None, REVERSE=bool(reverse),
-                             COMPUTE_GRAD=bool(compute_grad), BLOCK=block,
-                             BF16_BY_HAND=_bf16_by_hand(student.dtype), num_warps=warps)
+        with _device_of(student):
+            _kl_fwd_kernel[(n,)](student, original, aug, teacher_row, loss, grad, grad_scale,
+                                 student.stride(0), original.stride(0), aug.stride(0), v, float(alpha),
+                                 float(inv_temperature), HAS_AUG=augmented is not None, REVERSE=bool(reverse),
+                                 COMPUTE_GRAD=bool(compute_grad), BLOCK=block,
+                                 BF16_BY_HAND=_bf16_by_hand(student.dtype), num_warps=warps)
     return loss, grad
 
 
@@ -173,5 +180,6 @@ def kl_scale_grad_(grad, applied, grad_output_rows) -> None:
     n, v = grad.shape
     block, warps = _launch_shape(v)
     if n:
-        _scale_grad_kernel[(n,)](grad, applied, grad_output_rows.to(torch.float32).contiguous(), v,
-                                 BLOCK=block, BF16_BY_HAND=_bf16_by_hand(grad.dtype), num_warps=warps)
+        with _device_of(grad):
+            _scale_grad_kernel[(n,)](grad, applied, grad_output_rows.to(torch.float32).contiguous(), v,
+                                     BLOCK=block, BF16_BY_HAND=_bf16_by_hand(grad.dtype), num_warps=warps)

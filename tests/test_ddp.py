@@ -39,6 +39,20 @@ class _Tokenizer:  # the loop reads only pad_token_id (and saves the tokenizer a
     pad_token_id = 0
 
 
+class _Counting:
+    """The RKLU method, counting the forget examples this process computed the loss on."""
+
+    def __init__(self, method):
+        self.method, self.seen = method, 0
+
+    def __getattr__(self, name):
+        return getattr(self.method, name)
+
+    def loss(self, logits, batch, teacher, num_items):
+        self.seen += len(batch["input_ids"])
+        return self.method.loss(logits, batch, teacher, num_items)
+
+
 def _run(out_dir: str) -> None:
     """One (possibly distributed) RKLU run of 2 steps (1 epoch: no epoch checkpoint) through ``loop.train``."""
     from accelerate import Accelerator
@@ -47,15 +61,17 @@ def _run(out_dir: str) -> None:
     from rklu_fast.train.methods import make_method, make_retain_term
     from rklu_fast.train.teacher import OnlineTeacher
 
-    torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     student, original, augmented = _models()
     stage = {"epochs": 1, "lr": 1e-3, "weight_decay": 0.01, "batch_size": BATCH, "micro_batch_size": MICRO,
              "warmup_epochs": 1.0, "max_grad_norm": 1.0}
     examples = _examples()
-    loop.train(student, _Tokenizer(), make_method("rklu", alpha=8.0, backend="torch"), examples, stage, out_dir,
+    method = _Counting(make_method("rklu", alpha=8.0, backend="torch"))
+    loop.train(student, _Tokenizer(), method, examples, stage, out_dir,
                accelerator, teacher=OnlineTeacher(original, augmented), retain_examples=examples[::-1],
                retain_term=make_retain_term("RT"), seed=3, tensorboard=False)
+    with open(os.path.join(out_dir, f"seen-rank{accelerator.process_index}.json"), "w") as f:
+        json.dump(method.seen, f)
     if accelerator.is_main_process:
         torch.save(accelerator.unwrap_model(student).state_dict(), os.path.join(out_dir, "weights.pt"))
     accelerator.wait_for_everyone()
@@ -64,6 +80,7 @@ def _run(out_dir: str) -> None:
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)  # two processes on a small machine: no OpenMP oversubscription
     _run(out_dir)
     torch.distributed.destroy_process_group()
 
@@ -81,9 +98,13 @@ def _losses(out_dir):
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    mp.spawn(_worker, args=(1, _free_port(), single), nprocs=1, join=True)
+    _run(single)  # 1 process: here (one spawn fewer to import torch and transformers in)
     mp.spawn(_worker, args=(2, _free_port(), multi), nprocs=2, join=True)
-    one, two = _losses(single), _losses(multi)
+    one, two = _losses(single), _losses(multi)  # only rank 0 writes the log
+    # each rank computed the loss on its half of each step's 8 examples: 2 steps x 4
+    seen = [json.load(open(os.path.join(multi, f"seen-rank{r}.json"))) for r in (0, 1)]
+    assert seen == [2 * BATCH // 2] * 2
+    assert json.load(open(os.path.join(single, "seen-rank0.json"))) == 2 * BATCH
     assert [s for s, *_ in one] == [s for s, *_ in two] == [1, 2]
     for (_, f1, r1), (_, f2, r2) in zip(one, two):
         assert f1 > 0 and r1 > 0

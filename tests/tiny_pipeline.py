@@ -45,7 +45,8 @@ def overrides(run_dir, arch: str = "llama", **extra) -> list[str]:
             "{architecture: phi, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
             "num_attention_heads: 2, max_position_embeddings: 256}")
     base = {"run_dir": str(run_dir), "precision": "no", "cpu": True, "model.template": template,
-            "model.tokenizer": str(tokenizer_dir()), "model.random_init": init, "model.max_length": 256,
+            "model.tokenizer": str(tokenizer_dir()), "model.train_tokenizer": "null",
+            "model.random_init": init, "model.max_length": 256,
             "data.source": str(tofu_dir()), "data.forget": "forget01", "data.retain": "retain99",
             "log.tensorboard": False, "eval.max_examples": 8}
     for stage in ("finetune", "augment", "unlearn"):

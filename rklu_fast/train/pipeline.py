@@ -65,8 +65,11 @@ class Run:
         for key, ref in given.items():
             if ref is not None and _looks_local(ref) and not Path(ref).exists():
                 raise FileNotFoundError(f"{key}: no such model directory {ref!r}")
+        sizes = self._model_vocab_sizes(given)
         self.tokenizer = self._tokenizer()
-        self._check_vocab(given)
+        if sizes and len(self.tokenizer) > min(sizes.values()):
+            raise ConfigError(f"model.tokenizer: has {len(self.tokenizer)} tokens but the models' vocab size is "
+                              f"{min(sizes.values())}")
 
     def _roles(self, stages):
         roles = []
@@ -81,7 +84,8 @@ class Run:
     def _makes_oracle(self) -> bool:
         return self.cfg["finetune"]["make_oracle"] and self.cfg["data"]["retain"] is not None
 
-    def _check_vocab(self, given: dict) -> None:
+    def _model_vocab_sizes(self, given: dict) -> dict:
+        """Vocab sizes of every model the run reads (from config.json only); they must all agree."""
         from transformers import AutoConfig
 
         sizes = {}
@@ -95,9 +99,7 @@ class Run:
         if len(set(sizes.values())) > 1:
             raise ConfigError(f"vocab mismatch between student and teacher models (vocab sizes: {sizes}); the "
                               "teacher is built token by token, so all models must share one tokenizer")
-        if sizes and len(self.tokenizer) > min(sizes.values()):
-            raise ConfigError(f"model.tokenizer: has {len(self.tokenizer)} tokens but the models' vocab size is "
-                              f"{min(sizes.values())}")
+        return sizes
 
     def save_run_info(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
