@@ -491,6 +491,8 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=None, help="seconds; rows past it are reported skipped")
     p.add_argument("--worker-timeout", type=float, default=1800)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--from-json", type=Path, help="only rewrite the Markdown and PNGs of a saved JSON (e.g. one "
+                   "that a time limit cut short)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.dry_run:
@@ -514,6 +516,11 @@ def main(argv=None) -> dict:
     if args.worker:
         worker_main(args.worker)
         return {}
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        report["verdicts"] = verdicts(report["rows"])
+        write_reports(report, args.from_json.with_suffix(""))
+        return report
     start = time.time()
     deadline = start + args.time_budget if args.time_budget else float("inf")
     torch._dynamo.config.recompile_limit = 256  # one compile per shape and grad mode, never a silent eager fallback
@@ -562,6 +569,7 @@ def main(argv=None) -> dict:
         report["wall_s"] = time.time() - start
         report["verdicts"] = verdicts(report["rows"])
         Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
+        Path(f"{stem}.md").write_text(markdown(report) + "\n")
 
     refs = {}
     for key in dict.fromkeys(c.inputs_key for c in configs):
@@ -583,11 +591,16 @@ def main(argv=None) -> dict:
                                                  len(order)), list(M.BY_NAME).index(r["method"])))
     report["device"]["load_avg_end"] = os.getloadavg()
     save()
+    return write_reports(report, stem)
+
+
+def write_reports(report: dict, stem: Path) -> dict:
+    """The Markdown table and the PNGs beside the JSON, and the verdicts on the terminal."""
+    report["plots"] = [os.path.basename(p) for p in plot(report, stem)]
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
     Path(f"{stem}.md").write_text(markdown(report) + "\n")
-    report["plots"] = plot(report, stem)
-    save()
     print_verdicts(report)
-    print(f"wrote {stem}.json, {stem}.md and {len(report['plots'])} PNG(s) in {report['wall_s']:.0f} s")
+    print(f"wrote {stem}.json, {stem}.md and {len(report['plots'])} PNG(s); run took {report['wall_s']:.0f} s")
     return report
 
 

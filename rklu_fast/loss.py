@@ -285,6 +285,9 @@ def _kl_loss(student_logits, original_logits, augmented_logits, alpha, *, labels
         if count != m:
             raise ValueError(f"teacher_rows='valid' needs one original_logits row per valid student row: "
                              f"{count} valid rows, {m} teacher rows")
+    elif teacher_rows == "valid" and not torch.compiler.is_compiling():
+        # No host sync on an accelerator: a stream-ordered device assert stops the kernel reading past the teacher.
+        torch._assert_async(valid.sum() == m, "teacher_rows='valid': valid student rows != teacher rows")
     if check_finite:
         _check_finite(student_logits, original_logits, augmented_logits, valid, teacher_row.clamp(min=0), reverse)
 

@@ -1,6 +1,5 @@
 """Padding/collation, plain-text chunks, and the offline BPE tokenizer."""
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from rklu_fast.data.chunks import chunk_text

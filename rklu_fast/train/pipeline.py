@@ -60,8 +60,9 @@ class Run:
             if ckpts and not (self.dir / role / "model").is_dir() and not self.resume:
                 raise ConfigError(f"run_dir: the {role!r} stage in {self.dir} was interrupted at {ckpts[-1].name}; "
                                   "continue it with --resume (or use a new run_dir)")
-        given = {"finetune.original": self.cfg["finetune"]["original"], "finetune.oracle": self.cfg["finetune"]["oracle"],
-                 "augment.model": self.cfg["augment"]["model"], "model.name_or_path": self.cfg["model"]["name_or_path"]}
+        c = self.cfg
+        given = {"finetune.original": c["finetune"]["original"], "finetune.oracle": c["finetune"]["oracle"],
+                 "augment.model": c["augment"]["model"], "model.name_or_path": c["model"]["name_or_path"]}
         for key, ref in given.items():
             if ref is not None and _looks_local(ref) and not Path(ref).exists():
                 raise FileNotFoundError(f"{key}: no such model directory {ref!r}")
@@ -166,12 +167,13 @@ class Run:
                  "augmented": self.cfg["augment"]["model"]}.get(role)
         return given or str(self.dir / role / "model")
 
-    def load_model(self, path: str | Path | None):
-        """``path`` in ``save_pretrained`` form or a hub id; ``None``: the base model (untrained for random_init)."""
+    def load_model(self, path: str | Path | None, dtype: torch.dtype | None = None):
+        """``path`` in ``save_pretrained`` form or a hub id; ``None``: the base model (untrained for random_init).
+        ``dtype``: default ``model.dtype``."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         m = self.cfg["model"]
-        dtype = _DTYPES[m["dtype"]]
+        dtype = dtype or _DTYPES[m["dtype"]]
         if path is not None:
             return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         if m["random_init"] is None:
@@ -208,6 +210,7 @@ class Run:
             print(f"[rklu] {role}: stopped after {self.stop_after_steps} steps; continue with --resume")
             return False
         checkpoint.save_model(out / "model", self.accelerator.unwrap_model(model), self.tokenizer)
+        self.accelerator.free_memory()  # drop accelerate's references to this stage's model and optimizer
         print(f"[rklu] {role}: saved {out / 'model'}")
         return True
 
@@ -241,9 +244,11 @@ class Run:
         if (self.dir / "unlearned" / "model").is_dir():
             print(f"[rklu] unlearned: done ({self.dir / 'unlearned' / 'model'}), skipping")
             return True
-        original = self.load_model(self.model_path("original"))
-        augmented = self.load_model(self.model_path("augmented"))
-        teacher = OnlineTeacher(original.to(self.accelerator.device), augmented.to(self.accelerator.device))
+        # Frozen models need no fp32 master weights: under bf16 autocast their matmuls run in bf16 anyway.
+        frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg["precision"])
+        original = self.load_model(self.model_path("original"), frozen_dtype).to(self.accelerator.device)
+        augmented = self.load_model(self.model_path("augmented"), frozen_dtype).to(self.accelerator.device)
+        teacher = OnlineTeacher(original, augmented)
         retain_term = make_retain_term(u["retain_term"], u["backend"])
         retain = self.encode(self.retain_records) if retain_term is not None else None
         # The student is checked against the teacher's models before training (same vocabulary, token by token).
