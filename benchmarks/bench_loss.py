@@ -26,7 +26,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+# Triton reads this when it decorates a kernel; the CPU workers are started with it set.
+INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # rklu_fast from this checkout when not installed
@@ -171,9 +174,6 @@ def measure(method: M.Method, cfg: Config, inputs, ref_loss: float, ref_grad, ct
     n_valid = int((labels != M.IGNORE_INDEX).sum())
     device = ctx["device"]
     interpreted = device == "cpu" and method.interpreted_on_cpu
-    if interpreted and cfg.n > ctx["interp_max_n"]:
-        return blank_row(method, cfg, n_valid, "skipped", f"Triton on CPU runs only in its interpreter "
-                         f"(correctness, not speed): run at N <= {ctx['interp_max_n']} only")
     row = blank_row(method, cfg, n_valid, "ok")
     grad_bytes = student.numel() * student.element_size()
     try:
@@ -240,25 +240,56 @@ def measure(method: M.Method, cfg: Config, inputs, ref_loss: float, ref_grad, ct
     return row
 
 
+def wanted(method: M.Method, cfg: Config) -> bool:
+    return method.kind != "sol" or (cfg.ignore_frac == 0 and cfg.mode == "fwdbwd")  # one speed-of-light row
+
+
+def not_run_reasons(method_names, ctx: dict) -> dict:
+    """{method: reason} for loss methods that cannot be built here (found once, before any input is made)."""
+    reasons = {}
+    for name in method_names:
+        if ctx["device"] == "cpu" and M.BY_NAME[name].interpreted_on_cpu and not INTERPRET_AT_START:
+            reasons[name] = ("Triton on CPU needs TRITON_INTERPRET=1 set before the process starts (the worker "
+                             "processes of --isolation method/single have it)")
+        elif M.BY_NAME[name].kind == "loss":
+            try:
+                M.build(name, ctx["device"], ctx["compile_backend"])
+            except M.Unavailable as e:
+                reasons[name] = str(e)
+    return reasons
+
+
 def run_configs(method_names, configs, refs: dict, ctx: dict, deadline: float, emit):
-    """Measure every method at every config (inputs built once per input set); emit(row) for each."""
-    by_inputs = itertools.groupby(configs, key=lambda c: c.inputs_key)
-    for key, group in by_inputs:
-        group = list(group)
-        inputs = make_inputs(*key, device=ctx["device"], seed=ctx["seed"])
-        ref_grad = reference_grad_rows(inputs, ctx["alpha"], min(REF_GRAD_ROWS, key[0])).cpu()
-        n_valid = int((inputs[3] != M.IGNORE_INDEX).sum())
-        for cfg in group:
-            for name in method_names:
-                method = M.BY_NAME[name]
-                if method.kind == "sol" and (cfg.ignore_frac != 0 or cfg.mode != "fwdbwd"):
-                    continue  # one speed-of-light row per shape
-                if time.time() > deadline:
-                    emit(blank_row(method, cfg, n_valid, "skipped", "time budget used up before this row"))
-                    continue
+    """Measure every method at every config (inputs built once per input set, and only when something will run
+    on them); emit(row) for each."""
+    unavailable = not_run_reasons(method_names, ctx)
+    for key, group in itertools.groupby(configs, key=lambda c: c.inputs_key):
+        todo = [(cfg, M.BY_NAME[name]) for cfg in group for name in method_names if wanted(M.BY_NAME[name], cfg)]
+        n_valid = key[0] - round(key[3] * key[0])
+        interp_skip = ctx["device"] == "cpu" and key[0] > ctx["interp_max_n"]
+        inputs = ref_grad = None
+        for cfg, method in todo:
+            if method.name in unavailable:
+                emit(blank_row(method, cfg, n_valid, "unavailable", unavailable[method.name]))
+            elif interp_skip and method.interpreted_on_cpu:
+                emit(blank_row(method, cfg, n_valid, "skipped", f"Triton on CPU runs only in its interpreter "
+                               f"(correctness, not speed): run at N <= {ctx['interp_max_n']} only"))
+            elif time.time() > deadline:
+                emit(blank_row(method, cfg, n_valid, "skipped", "time budget used up before this row"))
+            else:
+                if inputs is None:
+                    inputs = make_inputs(*key, device=ctx["device"], seed=ctx["seed"])
+                    ref_grad = reference_grad_rows(inputs, ctx["alpha"], min(REF_GRAD_ROWS, key[0])).cpu()
                 emit(measure(method, cfg, inputs, refs[cfg.inputs_key], ref_grad, ctx))
         del inputs
         gc.collect()
+
+
+def allow_recompiles() -> None:
+    """One compile per shape and grad mode: past dynamo's default limit of 8 it would silently run eager."""
+    for name in ("recompile_limit", "cache_size_limit"):  # the older name first existed alone
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
 
 
 # ------------------------------------------------------------------------------------- CPU worker processes
@@ -266,7 +297,7 @@ def worker_main(job_path: str) -> None:
     """Runs in a fresh process: one (or, with --isolation single, every) method over the configs of a job."""
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(job["ctx"]["threads"])
-    torch._dynamo.config.recompile_limit = 256
+    allow_recompiles()
     ctx = dict(job["ctx"], probe=RssProbe())
     configs = [Config(**c) for c in job["configs"]]
     refs = {tuple(r["key"]): r["loss"] for r in job["refs"]}
@@ -300,9 +331,7 @@ def run_cpu_workers(method_names, configs, refs, ctx, deadline, isolation: str, 
             done = {(r["method"], r["n"], r["v"], r["ignore_frac"], r["mode"]) for r in got}
             for name, cfg in itertools.product(names, configs):  # rows a crashed worker never wrote
                 method = M.BY_NAME[name]
-                if method.kind == "sol" and (cfg.ignore_frac != 0 or cfg.mode != "fwdbwd"):
-                    continue
-                if (name, cfg.n, cfg.v, cfg.ignore_frac, cfg.mode) not in done:
+                if wanted(method, cfg) and (name, cfg.n, cfg.v, cfg.ignore_frac, cfg.mode) not in done:
                     got.append(blank_row(method, cfg, None, "error", failure or "worker wrote no row"))
             for r in got:
                 emit(r)
@@ -523,10 +552,9 @@ def main(argv=None) -> dict:
         return report
     start = time.time()
     deadline = start + args.time_budget if args.time_budget else float("inf")
-    torch._dynamo.config.recompile_limit = 256  # one compile per shape and grad mode, never a silent eager fallback
+    allow_recompiles()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before rklu_fast or Liger decorate a Triton kernel
     # Priority order (a time budget cuts the last rows): first vocab, 0% ignored, largest N first; the configs of
     # one input set stay together so its tensors are built once.
     configs = [Config(n, v, args.dtype, ign, mode) for v in args.v for ign in sorted(args.ignore)

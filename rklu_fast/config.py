@@ -19,7 +19,10 @@ def _optim(epochs: float, lr: float) -> dict:
     # The paper's defaults (and TOFU's): AdamW, wd 0.01, effective batch 32, linear warm-up over the first epoch,
     # then linear decay; HF Trainer's default gradient clipping at 1.0, which TOFU's runs used.
     return {"epochs": epochs, "lr": lr, "weight_decay": 0.01, "batch_size": 32, "micro_batch_size": 4,
-            "warmup_epochs": 1.0, "max_grad_norm": 1.0}
+            "warmup_epochs": 1.0, "max_grad_norm": 1.0,
+            # memory options (docs/memory-and-scale.md): adamw | adamw_bf16 (bf16 weights: model.dtype=bfloat16)
+            # | adamw_8bit; bf16_update: kahan | stochastic (how adamw_bf16 lands small updates)
+            "optimizer": "adamw", "bf16_update": "kahan", "gradient_checkpointing": False}
 
 
 DEFAULTS: dict = {
@@ -52,6 +55,10 @@ DEFAULTS: dict = {
     # Stage 3: the student starts from the original and is distilled from the teacher l_o - alpha*relu(l_aug - l_o).
     "unlearn": {"method": "rklu", "alpha": 8.0, "retain_term": "RT", "retain_weight": 1.0, "backend": "auto",
                 **_optim(10, 1e-5)},
+    # Teacher source of `unlearn` (docs/memory-and-scale.md): online (both models run every step) | cached (one
+    # forward over the forget set, then the models are freed) | auto (cached when it fits in half the free host
+    # memory, or when cache_dir is set). cache_dir: memory-map the cache there (reused if it matches the run).
+    "teacher": {"mode": "auto", "cache_dir": None},
     "log": {"every": 1, "tensorboard": True},
     "checkpoint": {"keep_last": 1},  # epoch checkpoints kept per stage (the final model is always kept)
     "eval": {"max_examples": 200},   # examples per set for the before/after answer-probability summary
@@ -67,6 +74,9 @@ _CHOICES = {
     ("unlearn", "method"): ("rklu", "fklu"),
     ("unlearn", "retain_term"): ("RT", "KL", "none"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("teacher", "mode"): ("auto", "online", "cached"),
+    **{(stage, "optimizer"): ("adamw", "adamw_bf16", "adamw_8bit") for stage in ("finetune", "augment", "unlearn")},
+    **{(stage, "bf16_update"): ("kahan", "stochastic") for stage in ("finetune", "augment", "unlearn")},
 }
 
 
@@ -127,6 +137,9 @@ def _check_values(c: dict) -> None:
                               f"{stage}.micro_batch_size {s['micro_batch_size']}")
         if s["weight_decay"] < 0 or s["warmup_epochs"] < 0:
             raise ConfigError(f"{stage}: weight_decay and warmup_epochs must be ≥ 0")
+        if s["optimizer"] == "adamw_bf16" and c["model"]["dtype"] != "bfloat16":
+            raise ConfigError(f"{stage}.optimizer: adamw_bf16 is for bf16 weights; set model.dtype=bfloat16 "
+                              f"(got {c['model']['dtype']!r}) or use adamw")
     if c["model"]["name_or_path"] is None and c["model"]["random_init"] is None:
         raise ConfigError("model.name_or_path: set a hub id / path, or model.random_init for an untrained model")
     if c["model"]["random_init"] is not None and "architecture" not in c["model"]["random_init"]:

@@ -140,6 +140,7 @@ def _own_version(t: torch.Tensor) -> torch.Tensor:
 def _setup_context(ctx, inputs, output):
     student, backend = inputs[0], inputs[-1]
     _, grad, applied = output
+    ctx.set_materialize_grads(False)  # else backward gets a zeros [N, V] for the unused `grad` output: 2x memory
     ctx.save_for_backward(grad, applied)
     ctx.backend = backend
     ctx.shape = tuple(student.shape)

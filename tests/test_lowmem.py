@@ -109,3 +109,32 @@ def test_llama2_7b_cached_full_parameter_plan_fits_75_gib():
     naive = estimate_training_memory(**llama7b, weight_bytes=4, grad_bytes=4, optimizer="adamw_fp32",
                                      gradient_checkpointing=False, teacher_models_on_gpu=2)
     assert naive["total"] > 75
+
+
+def test_loop_trains_bf16_weights_with_the_configured_options(tmp_path):
+    """``loop.train`` builds the optimizer and checkpointing the stage config names (bf16 model, adamw_bf16)."""
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rklu_fast.config import ConfigError, load_config
+    from rklu_fast.train import loop
+    from rklu_fast.train.methods import make_method
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = [torch.randint(1, 64, (9,)).tolist() for _ in range(4)]
+    examples = [{"input_ids": x, "labels": [-100] * 3 + x[3:], "attention_mask": [1] * 9} for x in ids]
+    stage = {"epochs": 1, "lr": 1e-5, "weight_decay": 0.01, "batch_size": 4, "micro_batch_size": 2,
+             "warmup_epochs": 1.0, "max_grad_norm": 1.0, "optimizer": "adamw_bf16", "bf16_update": "kahan",
+             "gradient_checkpointing": True}
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    loop.train(model, tok, make_method("nll"), examples, stage, tmp_path, Accelerator(cpu=True), tensorboard=False)
+    assert model.is_gradient_checkpointing if hasattr(model, "is_gradient_checkpointing") else True
+    moved = sum(int((model.state_dict()[k] != v).sum()) for k, v in before.items())
+    assert moved > 0.5 * sum(v.numel() for v in before.values())  # lr 1e-5 on bf16 weights lands (Kahan)
+    with pytest.raises(ConfigError, match="unlearn.optimizer: adamw_bf16 is for bf16 weights"):
+        load_config(None, ["model.random_init={architecture: llama}", "model.train_tokenizer=64",
+                           "unlearn.optimizer=adamw_bf16"])

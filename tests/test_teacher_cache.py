@@ -82,6 +82,16 @@ def test_cached_equals_online_bitwise(tmp_path, on_disk):
         assert l_on > 0
         assert torch.equal(l_on, l_ca)
         assert torch.equal(g_on, g_ca)
+    # through the training method (the loop's path): the cached teacher's compact rows give the same loss
+    from rklu_fast.train.methods import make_method
+    from rklu_fast.train.teacher import OnlineTeacher
+    method = make_method("rklu", alpha=8.0, backend="torch")
+    batch = collate(examples[3:6], PAD)
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    (l_on, s_on), (l_ca, s_ca) = (method.loss(logits, batch, t, 17) for t in (OnlineTeacher(original, augmented),
+                                                                               cached))
+    assert torch.equal(l_on, l_ca) and s_on == s_ca
     # another batch composition (a training shuffle): same rows up to the last bits of the forward's rounding,
     # which depends on the padded width — the cache fixes one value, the online path recomputes per batch
     batch = collate([examples[5], examples[1], examples[6]], PAD)

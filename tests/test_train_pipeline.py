@@ -74,3 +74,29 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
     log = (tmp_path / "killed" / "original" / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == list(range(1, 13))  # redone steps logged once
+
+
+def test_text_chunk_setting_without_retain_set(tmp_path):
+    """The Harry Potter setting: a plain-text forget set in token chunks, the given base model as the original,
+    no retain set (WikiText stands in for the book)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rklu_fast.data import default_data_dir
+    from tiny_pipeline import tokenizer_dir
+
+    text = (default_data_dir("wikitext") / "wiki.test.raw").read_text(encoding="utf-8")[:3000]
+    (tmp_path / "book.txt").write_text(text)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=128)).save_pretrained(tmp_path / "base")
+    ov = overrides(tmp_path / "run", **{"data.kind": "text", "data.text_file": str(tmp_path / "book.txt"),
+                                        "data.chunk_length": 64, "data.retain": "null", "model.template": "plain",
+                                        "finetune.original": str(tmp_path / "base"), "unlearn.retain_term": "none",
+                                        "unlearn.alpha": 4, "augment.epochs": 1})
+    assert main(["run", "--config", "configs/tiny-tofu.yaml", *ov]) == 0
+    assert not (tmp_path / "run" / "original").exists()  # given, not trained
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["before"]) == {"forget"}
+    log = [json.loads(line) for line in (tmp_path / "run" / "unlearned" / "log.jsonl").read_text().splitlines()]
+    assert "retain_loss" not in log[0] and log[0]["teacher_entropy"] > 0

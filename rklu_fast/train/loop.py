@@ -21,7 +21,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from rklu_fast.data.collate import collate, count_answer_tokens
 from rklu_fast.train import checkpoint
+from rklu_fast.train.lowmem import build_optimizer, set_gradient_checkpointing
 from rklu_fast.train.metrics import answer_probability_per_example
+from rklu_fast.train.sampling import loss_scale, num_answer_tokens, rank_slice
 
 
 class ExampleStream:
@@ -64,24 +66,29 @@ def _forward(model, batch):
 
 def accumulate_gradients(model, method, forget_examples: list[dict], micro_batch_size: int, pad_token_id: int,
                          accelerator, *, teacher=None, retain_examples: list[dict] | None = None, retain_term=None,
-                         retain_weight: float = 1.0) -> dict:
+                         retain_weight: float = 1.0, num_items: tuple[int, int] | None = None) -> dict:
     """Forward/backward over the micro-batches of one optimizer step; gradients accumulate in ``.grad``.
 
     Each forget micro-batch is paired with a retain micro-batch.  Returns the step's summed loss terms, the mean
     forget-answer probability, the methods' stats averaged over micro-batches, and the token count.
+    ``num_items``: (forget, retain) valid-token counts of the whole step when these examples are one rank's
+    share (multi-process, see ``sampling.py``); the losses are then scaled for DDP's gradient average.
     """
     retain_examples = retain_examples if retain_term is not None else []
     f_batches = list(_micro_batches(forget_examples, micro_batch_size, pad_token_id, accelerator.device))
     r_batches = list(_micro_batches(retain_examples, micro_batch_size, pad_token_id, accelerator.device))
     n_forget = sum(count_answer_tokens(b["labels"]) for b in f_batches)
     n_retain = sum(count_answer_tokens(b["labels"]) for b in r_batches)
+    if num_items is not None:  # multi-process (issue 7): normalise by the whole step's counts
+        n_forget, n_retain = num_items
+    scale = loss_scale(accelerator.num_processes)
     sums = {"forget_loss": 0.0, "forget_prob": 0.0, "tokens": 0}
     extra: dict[str, list[float]] = {}
     for i, f_batch in enumerate(f_batches):
         with accelerator.autocast():
             logits = _forward(model, f_batch)
             loss, stats = method.loss(logits, f_batch, teacher, n_forget)
-        accelerator.backward(loss)
+        accelerator.backward(scale * loss)
         sums["forget_loss"] += loss.item()
         sums["forget_prob"] += answer_probability_per_example(logits.detach(), f_batch["labels"]).sum().item()
         sums["tokens"] += int(f_batch["attention_mask"].sum())
@@ -92,7 +99,7 @@ def accumulate_gradients(model, method, forget_examples: list[dict], micro_batch
             r_batch = r_batches[i]
             with accelerator.autocast():
                 r_loss, _ = retain_term.loss(_forward(model, r_batch), r_batch, teacher, n_retain)
-            accelerator.backward(retain_weight * r_loss)
+            accelerator.backward(scale * retain_weight * r_loss)
             sums["retain_loss"] = sums.get("retain_loss", 0.0) + r_loss.item()
             sums["tokens"] += int(r_batch["attention_mask"].sum())
     sums["forget_prob"] /= len(forget_examples)
@@ -119,7 +126,17 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
     forget = ExampleStream(forget_examples, batch, seed)
     retain = ExampleStream(retain_examples, batch, seed + 1) if retain_term is not None else None
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=stage["lr"], weight_decay=stage["weight_decay"])
+    # Memory options (issue 7, docs/memory-and-scale.md): optimizer choice, gradient checkpointing; LoRA
+    # students train only their adapter, so only trainable parameters go to the optimizer.
+    set_gradient_checkpointing(model, stage.get("gradient_checkpointing", False))
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], stage.get("optimizer", "adamw"),
+                                lr=stage["lr"], weight_decay=stage["weight_decay"],
+                                update=stage.get("bf16_update", "kahan"), seed=seed)
+    # Multi-process (issue 7, sampling.py): every rank draws the step's global batch and keeps its slice.
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if batch % (world * micro):
+        raise ValueError(f"batch_size: {batch} must be divisible by processes x micro_batch_size = "
+                         f"{world} x {micro}")
     # The scheduler counts global optimizer steps, so it stays outside accelerate.prepare (which would step it
     # once per process under DDP).
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
@@ -132,15 +149,24 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         start = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    log = _Log(out_dir, start, tensorboard)
+    log = _Log(out_dir, start, tensorboard, enabled=accelerator.is_main_process)  # one writer per run
 
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
     for step in range(start, total):
         t0 = time.perf_counter()
         f_examples = forget.step(step)
         r_examples = retain.step(step) if retain is not None else []
-        sums = accumulate_gradients(model, method, f_examples, micro, pad_id, accelerator, teacher=teacher,
-                                    retain_examples=r_examples, retain_term=retain_term, retain_weight=retain_weight)
+        sums = accumulate_gradients(model, method, rank_slice(f_examples, rank, world), micro, pad_id, accelerator,
+                                    teacher=teacher, retain_examples=rank_slice(r_examples, rank, world),
+                                    retain_term=retain_term, retain_weight=retain_weight,
+                                    num_items=(num_answer_tokens(f_examples), num_answer_tokens(r_examples)))
+        if world > 1:  # log the whole step: sums over ranks; per-rank means become means over ranks
+            keys = sorted(sums)
+            totals = accelerator.reduce(torch.tensor([float(sums[k]) for k in keys], device=accelerator.device),
+                                        "sum").tolist()
+            sums = {k: v if k in ("forget_loss", "retain_loss", "tokens") else v / world
+                    for k, v in zip(keys, totals)}
         grad_norm = None
         if stage["max_grad_norm"] is not None:
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), stage["max_grad_norm"]))
@@ -160,10 +186,11 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         bar.set_postfix(loss=f"{record['loss']:.4f}", p_forget=f"{record['forget_prob']:.3f}")
 
         epoch = done * batch // len(forget_examples)  # completed epochs (integer arithmetic: exact boundaries)
-        if done < total and epoch > step * batch // len(forget_examples):
+        if done < total and epoch > step * batch // len(forget_examples) and accelerator.is_main_process:
             checkpoint.save_checkpoint(ckpt_dir / f"epoch-{epoch}", accelerator.unwrap_model(model), tokenizer,
                                        step=done, optimizer=optimizer, scheduler=scheduler)
             checkpoint.prune_checkpoints(ckpt_dir, keep_last)
+        accelerator.wait_for_everyone()
         if stop_after_steps is not None and done - start >= stop_after_steps and done < total:
             bar.close()
             log.close()
@@ -177,7 +204,10 @@ class _Log:
     """``log.jsonl`` + TensorBoard under ``out_dir``; on resume, records after the resumed step are dropped (those
     steps are about to be redone)."""
 
-    def __init__(self, out_dir: Path, start: int, tensorboard: bool):
+    def __init__(self, out_dir: Path, start: int, tensorboard: bool, enabled: bool = True):
+        self.enabled = enabled  # False on ranks > 0 of a multi-process run
+        if not enabled:
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "log.jsonl"
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start] \
@@ -191,6 +221,8 @@ class _Log:
             self.tb = SummaryWriter(out_dir / "tensorboard", purge_step=start + 1 if start else None)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -199,6 +231,8 @@ class _Log:
                     self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.file.close()
         if self.tb is not None:
             self.tb.close()

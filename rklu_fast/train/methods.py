@@ -45,16 +45,24 @@ class KLToTeacher:
     def loss(self, logits, batch, teacher, num_items):
         original, augmented = teacher.logits(batch)
         labels = batch["labels"][:, 1:]
-        loss = self.kl(logits[:, :-1], original[:, :-1], augmented[:, :-1], alpha=self.alpha, labels=labels,
-                       num_items_in_batch=num_items, reduction="mean", backend=self.backend)
-        return loss, {"teacher_entropy": teacher_entropy(original, augmented, labels, self.alpha)}
+        rows = getattr(teacher, "teacher_rows", "all")  # "valid": a cached teacher's compact rows (issue 7)
+        if rows == "all":
+            original, augmented = original[:, :-1], augmented[:, :-1]
+        loss = self.kl(logits[:, :-1], original, augmented, alpha=self.alpha, labels=labels,
+                       num_items_in_batch=num_items, reduction="mean", teacher_rows=rows, backend=self.backend)
+        return loss, {"teacher_entropy": teacher_entropy(original, augmented, labels, self.alpha, sliced=True)}
 
 
 @torch.no_grad()
-def teacher_entropy(original, augmented, labels, alpha: float) -> float:
-    """Mean entropy (nats) of the teacher distribution over the valid answer positions (a collapse detector)."""
-    valid = labels != IGNORE_INDEX
-    t = rklu_fast.teacher_logits(original[:, :-1][valid], augmented[:, :-1][valid], alpha).float()
+def teacher_entropy(original, augmented, labels, alpha: float, sliced: bool = False) -> float:
+    """Mean entropy (nats) of the teacher distribution over the valid answer positions (a collapse detector).
+    ``sliced``: the logits are already shifted (``[:, :-1]``), or already the valid rows (cached teacher)."""
+    if not sliced:
+        original, augmented = original[:, :-1], augmented[:, :-1]
+    if original.dim() == 3:  # [B, T, V] positions → the valid rows
+        valid = labels != IGNORE_INDEX
+        original, augmented = original[valid], augmented[valid]
+    t = rklu_fast.teacher_logits(original, augmented, alpha).float()
     logq = torch.log_softmax(t, dim=-1)
     return float(-(logq.exp() * logq.nan_to_num(neginf=0.0)).sum(-1).mean())
 

@@ -27,7 +27,8 @@ from rklu_fast.data.tofu import load_tofu
 from rklu_fast.train import checkpoint, loop
 from rklu_fast.train.methods import make_method, make_retain_term
 from rklu_fast.train.metrics import mean_answer_probability
-from rklu_fast.train.teacher import OnlineTeacher, check_same_vocab
+from rklu_fast.train.teacher import check_same_vocab
+from rklu_fast.train.teacher_cache import make_teacher
 
 ROLES = ("original", "oracle", "augmented", "unlearned")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -248,14 +249,21 @@ class Run:
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg["precision"])
         original = self.load_model(self.model_path("original"), frozen_dtype).to(self.accelerator.device)
         augmented = self.load_model(self.model_path("augmented"), frozen_dtype).to(self.accelerator.device)
-        teacher = OnlineTeacher(original, augmented)
+        # Teacher source (issue 7): online, or cached (one forward over the forget set; the models are then freed
+        # unless the KL retain term needs the original).
+        forget = self.encode(self.forget_records)
+        teacher = make_teacher(self.cfg["teacher"]["mode"], original, augmented, forget, template=self.template,
+                               pad_token_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
+                               cache_dir=self.cfg["teacher"]["cache_dir"], keep_original=u["retain_term"] == "KL",
+                               micro_batch_size=u["micro_batch_size"], autocast=self.accelerator.autocast)
         retain_term = make_retain_term(u["retain_term"], u["backend"])
         retain = self.encode(self.retain_records) if retain_term is not None else None
         # The student is checked against the teacher's models before training (same vocabulary, token by token).
         check_same_vocab(original=original, augmented=augmented)
+        del original, augmented  # cached mode: the teacher holds no model (or only the original, for KL)
         return self._train_role("unlearned", self.model_path("original"),
                                 make_method(u["method"], alpha=u["alpha"], backend=u["backend"]),
-                                self.encode(self.forget_records), u, teacher=teacher, retain_examples=retain,
+                                forget, u, teacher=teacher, retain_examples=retain,
                                 retain_term=retain_term, retain_weight=u["retain_weight"])
 
     def _require(self, role: str, stage: str) -> None:
