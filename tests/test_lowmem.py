@@ -125,16 +125,27 @@ def test_loop_trains_bf16_weights_with_the_configured_options(tmp_path):
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = [torch.randint(1, 64, (9,)).tolist() for _ in range(4)]
+    ids = [torch.randint(1, 64, (9,)).tolist() for _ in range(8)]
     examples = [{"input_ids": x, "labels": [-100] * 3 + x[3:], "attention_mask": [1] * 9} for x in ids]
-    stage = {"epochs": 1, "lr": 1e-5, "weight_decay": 0.01, "batch_size": 4, "micro_batch_size": 2,
+    stage = {"epochs": 1, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 2, "micro_batch_size": 1,
              "warmup_epochs": 1.0, "max_grad_norm": 1.0, "optimizer": "adamw_bf16", "bf16_update": "kahan",
              "gradient_checkpointing": True}
     tok = type("Tok", (), {"pad_token_id": 0})()
-    loop.train(model, tok, make_method("nll"), examples, stage, tmp_path, Accelerator(cpu=True), tensorboard=False)
-    assert model.is_gradient_checkpointing if hasattr(model, "is_gradient_checkpointing") else True
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(build_optimizer(*args, **kwargs))
+        return built[-1]
+    from unittest import mock
+    with mock.patch.object(loop, "build_optimizer", recording):
+        loop.train(model, tok, make_method("nll"), examples, stage, tmp_path, Accelerator(cpu=True),
+                   tensorboard=False)
+    assert isinstance(built[0], BF16AdamW) and built[0].update == "kahan"
+    assert all("compensation" in st for st in built[0].state.values())
+    assert model.model.layers[0].gradient_checkpointing  # the layer recomputes its activations in backward
     moved = sum(int((model.state_dict()[k] != v).sum()) for k, v in before.items())
-    assert moved > 0.5 * sum(v.numel() for v in before.values())  # lr 1e-5 on bf16 weights lands (Kahan)
+    assert moved > 0.5 * sum(v.numel() for v in before.values())
+    assert next(model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="unlearn.optimizer: adamw_bf16 is for bf16 weights"):
         load_config(None, ["model.random_init={architecture: llama}", "model.train_tokenizer=64",
                            "unlearn.optimizer=adamw_bf16"])

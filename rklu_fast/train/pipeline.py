@@ -210,7 +210,9 @@ class Run:
             self.stopped = True
             print(f"[rklu] {role}: stopped after {self.stop_after_steps} steps; continue with --resume")
             return False
-        checkpoint.save_model(out / "model", self.accelerator.unwrap_model(model), self.tokenizer)
+        if self.accelerator.is_main_process:  # one writer in multi-process runs (issue 7)
+            checkpoint.save_model(out / "model", self.accelerator.unwrap_model(model), self.tokenizer)
+        self.accelerator.wait_for_everyone()
         self.accelerator.free_memory()  # drop accelerate's references to this stage's model and optimizer
         print(f"[rklu] {role}: saved {out / 'model'}")
         return True
@@ -238,7 +240,8 @@ class Run:
                                 self.encode(self.forget_records), self.cfg["augment"])
 
     def unlearn(self) -> bool:
-        """The student starts from the original; the teacher is formed online from the two frozen models."""
+        """The student starts from the original; the teacher is formed from the two frozen models, online or from
+        a one-pass cache of their forget-set logits (``teacher.mode``)."""
         self._require("original", "finetune")
         self._require("augmented", "augment")
         u = self.cfg["unlearn"]
