@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "stages"):  # a subcommand registered by another module handles itself
         return args.func(args) or 0
+    from transformers.utils import logging as hf_logging
+
     from rklu_fast.train.pipeline import Run
 
+    hf_logging.disable_progress_bar()  # per-file load/save bars would drown the stage progress bars
     try:
         config = load_config(args.config, args.overrides)
         run = Run(config, resume=args.resume, stop_after_steps=args.stop_after_steps)

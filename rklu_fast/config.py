@@ -140,6 +140,9 @@ def _check_values(c: dict) -> None:
         if s["optimizer"] == "adamw_bf16" and c["model"]["dtype"] != "bfloat16":
             raise ConfigError(f"{stage}.optimizer: adamw_bf16 is for bf16 weights; set model.dtype=bfloat16 "
                               f"(got {c['model']['dtype']!r}) or use adamw")
+        if s["optimizer"] == "adamw" and c["model"]["dtype"] == "bfloat16":
+            raise ConfigError(f"{stage}.optimizer: plain adamw on bf16 weights rounds updates of lr ~1e-5 away "
+                              "(docs/memory-and-scale.md); use adamw_bf16 (or adamw_8bit), or model.dtype=float32")
     if c["model"]["name_or_path"] is None and c["model"]["random_init"] is None:
         raise ConfigError("model.name_or_path: set a hub id / path, or model.random_init for an untrained model")
     if c["model"]["random_init"] is not None and "architecture" not in c["model"]["random_init"]:

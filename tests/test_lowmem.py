@@ -149,3 +149,6 @@ def test_loop_trains_bf16_weights_with_the_configured_options(tmp_path):
     with pytest.raises(ConfigError, match="unlearn.optimizer: adamw_bf16 is for bf16 weights"):
         load_config(None, ["model.random_init={architecture: llama}", "model.train_tokenizer=64",
                            "unlearn.optimizer=adamw_bf16"])
+    with pytest.raises(ConfigError, match="augment.optimizer: plain adamw on bf16 weights"):
+        load_config(None, ["model.random_init={architecture: llama}", "model.train_tokenizer=64",
+                           "model.dtype=bfloat16", "finetune.optimizer=adamw_bf16", "unlearn.optimizer=adamw_bf16"])

@@ -170,7 +170,8 @@ _OPTIMIZER_STATE_BYTES = {"adamw_fp32": 8, "adamw_bf16": 4, "adamw_8bit": 2}
 def estimate_training_memory(n_params: int, *, n_layers: int, hidden: int, vocab: int, tokens_per_micro_batch: int,
                              weight_bytes: int = 2, grad_bytes: int = 2, optimizer: str = "adamw_bf16",
                              update: str = "kahan", gradient_checkpointing: bool = True,
-                             teacher_models_on_gpu: int = 0, logits_bytes: int = 2) -> dict[str, float]:
+                             teacher_models_on_gpu: int = 0, teacher_weight_bytes: int = 2,
+                             logits_bytes: int = 2) -> dict[str, float]:
     """GiB of GPU memory one training step of a decoder LM needs, term by term (a planning estimate; the real
     number is ``torch.cuda.max_memory_reserved()``, measured by ``benchmarks/bench_train_step.py``).
 
@@ -190,7 +191,7 @@ def estimate_training_memory(n_params: int, *, n_layers: int, hidden: int, vocab
         "gradients": n_params * grad_bytes,
         "optimizer_states": n_params * _OPTIMIZER_STATE_BYTES[optimizer],
         "kahan_compensation": n_params * 2 if (optimizer == "adamw_bf16" and update == "kahan") else 0,
-        "teacher_models": teacher_models_on_gpu * n_params * weight_bytes,
+        "teacher_models": teacher_models_on_gpu * n_params * teacher_weight_bytes,  # frozen: bf16 suffices
         "activations": activations,
         "logits_and_teacher_rows": 4 * tokens_per_micro_batch * vocab * logits_bytes,
     }
