@@ -114,6 +114,13 @@ class CudaProbe:
         return out, torch.cuda.max_memory_allocated() - base
 
 
+try:
+    import ctypes
+    _LIBC = ctypes.CDLL("libc.so.6")  # glibc: malloc_trim
+except OSError:
+    _LIBC = None
+
+
 class RssProbe:
     """Peak resident memory during one call, above the resident memory just before it (inputs, torch, compiled
     code). Resets the kernel's high-water mark first (`echo 5 > /proc/self/clear_refs`), so one fresh worker
@@ -126,6 +133,8 @@ class RssProbe:
 
     def run(self, fn):
         gc.collect()
+        if _LIBC is not None:  # hand freed heap pages back, so that re-using them shows in the high-water mark
+            _LIBC.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
         base = self._status_kib("VmRSS")
         out = fn()

@@ -91,6 +91,10 @@ def test_rss_probe_sees_a_transient_allocation():
     assert 0.9 * nbytes <= extra <= 1.3 * nbytes
     _, extra = B.RssProbe().run(lambda: None)  # the high-water mark was reset: nothing left of the 64 MiB
     assert extra < 0.1 * nbytes
+    small = 8 << 20  # below glibc's (raised) mmap threshold: served from the heap, re-used call after call
+    for _ in range(3):
+        _, extra = B.RssProbe().run(lambda: torch.ones(small // 4).sum())
+        assert 0.9 * small <= extra <= 1.5 * small
 
 
 def _row(method, time_ms, mem=None, status="ok"):

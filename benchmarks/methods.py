@@ -99,8 +99,8 @@ def _torchtune_kd_losses():
         file_spec = importlib.util.spec_from_file_location("torchtune_kd_losses", path)
         module = importlib.util.module_from_spec(file_spec)
         file_spec.loader.exec_module(module)
-        return module, f"loaded {path} by file: import torchtune failed ({type(import_error).__name__}: " \
-                       f"{str(import_error).strip().splitlines()[0][:120]})"
+        return module, f"loaded torchtune/modules/loss/kd_losses.py by file (import torchtune: " \
+                       f"{type(import_error).__name__}: {str(import_error).strip().splitlines()[0][:80]})"
 
 
 def _torchtune():

@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rklu: error: {e}", file=sys.stderr)
         return 2
     run.save_run_info()
+    if config["threads"]:
+        import torch
+
+        torch.set_num_threads(config["threads"])
     for stage in args.stages:
         if not getattr(run, stage)():
             return 3  # stopped early (--stop-after-steps): continue with --resume

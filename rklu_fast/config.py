@@ -30,6 +30,7 @@ DEFAULTS: dict = {
     "seed": 0,
     "precision": "bf16",            # accelerate mixed precision: bf16 | fp16 | no
     "cpu": False,                   # force the CPU even when a GPU is present
+    "threads": None,                # torch intra-op CPU threads (tiny models on a shared CPU: 1 is fastest)
     "model": {
         "name_or_path": None,       # base model (hub id or local path) that `finetune` starts from
         "tokenizer": None,          # hub id / path; default: name_or_path
@@ -160,6 +161,9 @@ def _check_values(c: dict) -> None:
     if c["data"]["retain"] is None and c["unlearn"]["retain_term"] != "none":
         raise ConfigError(f"unlearn.retain_term: {c['unlearn']['retain_term']!r} needs data.retain; "
                           "set unlearn.retain_term=none or give a retain split")
+    threads = c["threads"]
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads: must be a positive int or null, got {threads!r}")
     if c["unlearn"]["alpha"] < 0:
         raise ConfigError(f"unlearn.alpha: must be ≥ 0, got {c['unlearn']['alpha']!r}")
 

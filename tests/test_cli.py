@@ -39,6 +39,7 @@ def test_overrides_reach_nested_keys():
     ("unlearn.epochs=two", "unlearn.epochs: must be"),
     ("unlearn.batch_size=30", "unlearn.batch_size: 30 is not a multiple"),
     ("unlearnepochs", "expected key=value"),
+    ("threads=two", "threads: must be a positive int"),
     ("data.retain=null", "unlearn.retain_term"),
 ])
 def test_bad_config_is_rejected_before_compute(tmp_path, capsys, override, message):
