@@ -1,9 +1,11 @@
 """Per-example answer probabilities (TOFU's "Prob.": exp of the mean token log-likelihood of the answer)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from rklu_fast.data.collate import IGNORE_INDEX, collate
+from rklu_fast.data.collate import IGNORE_INDEX
+from rklu_fast.eval.nll import sequence_nll
 
 
 def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,14 +24,9 @@ def answer_probability_per_example(logits: torch.Tensor, labels: torch.Tensor) -
 
 @torch.no_grad()
 def mean_answer_probability(model, examples: list[dict], pad_token_id: int, batch_size: int = 16) -> float:
-    """Mean over ``examples`` of exp(mean answer-token log-likelihood) under ``model``."""
+    """Mean over ``examples`` of exp(mean answer-token log-likelihood) under ``model`` (the evaluator's NLL)."""
     model_was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    probs = []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        probs.append(answer_probability_per_example(logits, batch["labels"]))
+    sums, counts = sequence_nll(model, examples, pad_token_id, batch_size=batch_size)
     model.train(model_was_training)
-    return float(torch.cat(probs).mean())
+    return float(np.exp(-sums / np.maximum(counts, 1)).mean())
