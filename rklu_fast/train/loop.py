@@ -5,8 +5,8 @@ plug-in, see ``methods.py``), an optional ``retain_term``, and the ``teacher`` s
 
 One optimizer step consumes ``batch_size`` forget examples (and as many retain examples), split into micro-batches
 of ``micro_batch_size``.  Every loss term is a sum over the step's valid answer tokens divided by their count
-(``num_items``), so accumulation reproduces the big batch exactly.  (For DDP, ``num_items`` must become the
-all-reduced count over ranks; the rest of the loop stays.)
+(``num_items``), so accumulation reproduces the big batch exactly.  Under DDP every rank draws the same global
+step batch (a function of seed and step), keeps its fixed slice, and normalises by the whole step's counts.
 """
 from __future__ import annotations
 
