@@ -61,9 +61,13 @@ def atomic_directory(path: str | Path):
 def save_model(path: str | Path, model, tokenizer=None) -> None:
     """The model (and tokenizer) in ``save_pretrained`` form, written atomically."""
     with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        _save_pretrained(tmp, model, tokenizer)
+
+
+def _save_pretrained(directory: Path, model, tokenizer) -> None:
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def rng_state() -> dict:
@@ -83,9 +87,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: str | Path, model, tokenizer, *, step: int, optimizer, scheduler) -> None:
     """Model + tokenizer + everything needed to continue exactly from ``step`` (atomic)."""
     with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        _save_pretrained(tmp, model, tokenizer)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state()}, tmp / STATE_FILE)
 
