@@ -204,8 +204,8 @@ void row_grad(const Problem& pb, int64_t srow, int64_t trow, const rklu::RowResu
       for (int64_t i = 0; i < n; i += kLanes) {
         Vec a, b;
         ch.scaled(i, pb, a, b);
-        const Vec g = kReverse ? rklu::grad_reverse(a, b, r.lse_a, r.shift, coef)
-                               : rklu::grad_forward(a, b, r.lse_a, r.lse_b, coef);
+        const Vec g = kReverse ? rklu::grad_reverse(a, b, r, coef)
+                               : rklu::grad_forward(a, b, r, coef);
         g.store(out + i, std::min(kLanes, n - i));
       }
     }

@@ -241,8 +241,8 @@ __global__ void __launch_bounds__(kThreads, 2) kl_fwd_kernel(const FwdParams P) 
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
       a[k] = nan_row  ? CUDART_NAN_F
-             : P.reverse ? rklu::grad_reverse(a[k], b[k], r.lse_a, r.shift, coef)
-                         : rklu::grad_forward(a[k], b[k], r.lse_a, r.lse_b, coef);
+             : P.reverse ? rklu::grad_reverse(a[k], b[k], r, coef)
+                         : rklu::grad_forward(a[k], b[k], r, coef);
     }
     store8(grad_row, P.dtype[0], j, V, P.vec, a);
   }

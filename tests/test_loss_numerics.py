@@ -101,8 +101,8 @@ def test_student_equals_teacher(backend, reverse):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_large_logits_stay_finite(backend):
     """Rows of ±1e4: fp32 cancellation bounds the gradient error near ulp(|z|), but nothing overflows."""
-    s = (torch.rand(3, 200) * 2 - 1) * 1e4
-    o = (torch.rand(3, 200) * 2 - 1) * 1e4
+    s = (torch.rand(32, 200) * 2 - 1) * 1e4  # many rows: a kernel forming p = e^{a − lse} fails this reliably
+    o = (torch.rand(32, 200) * 2 - 1) * 1e4
     for reverse in (True, False):
         rows, grad = run(backend, s, o, reverse=reverse)
         ref_rows, ref_grad = oracle(s, o, reverse=reverse)
