@@ -332,31 +332,26 @@ _DOC_ARGS = """
 """
 
 
-def reverse_kl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
-                    augmented_logits: Optional[torch.Tensor] = None, alpha: float = 8.0, *,
-                    labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                    mask: Optional[torch.Tensor] = None, temperature: float = 1.0, reduction: str = "mean",
-                    num_items_in_batch: Union[int, torch.Tensor, None] = None, check_finite: bool = False,
-                    teacher_rows: str = "all", backend: str = "auto") -> torch.Tensor:
-    return _kl_loss(student_logits, original_logits, augmented_logits, alpha, labels=labels,
-                    ignore_index=ignore_index, mask=mask, temperature=temperature, reduction=reduction,
-                    num_items_in_batch=num_items_in_batch, check_finite=check_finite, teacher_rows=teacher_rows,
-                    backend=backend, reverse=True)
+def _public_loss(name: str, reverse: bool, summary: str):
+    """One public loss function per direction: the same signature, `reverse` fixed."""
+
+    def loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
+             augmented_logits: Optional[torch.Tensor] = None, alpha: float = 8.0, *,
+             labels: Optional[torch.Tensor] = None, ignore_index: int = -100, mask: Optional[torch.Tensor] = None,
+             temperature: float = 1.0, reduction: str = "mean",
+             num_items_in_batch: Union[int, torch.Tensor, None] = None, check_finite: bool = False,
+             teacher_rows: str = "all", backend: str = "auto") -> torch.Tensor:
+        return _kl_loss(student_logits, original_logits, augmented_logits, alpha, labels=labels,
+                        ignore_index=ignore_index, mask=mask, temperature=temperature, reduction=reduction,
+                        num_items_in_batch=num_items_in_batch, check_finite=check_finite,
+                        teacher_rows=teacher_rows, backend=backend, reverse=reverse)
+
+    loss.__name__ = loss.__qualname__ = name
+    loss.__doc__ = summary + "\n" + _DOC_ARGS
+    return loss
 
 
-def forward_kl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
-                    augmented_logits: Optional[torch.Tensor] = None, alpha: float = 8.0, *,
-                    labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                    mask: Optional[torch.Tensor] = None, temperature: float = 1.0, reduction: str = "mean",
-                    num_items_in_batch: Union[int, torch.Tensor, None] = None, check_finite: bool = False,
-                    teacher_rows: str = "all", backend: str = "auto") -> torch.Tensor:
-    return _kl_loss(student_logits, original_logits, augmented_logits, alpha, labels=labels,
-                    ignore_index=ignore_index, mask=mask, temperature=temperature, reduction=reduction,
-                    num_items_in_batch=num_items_in_batch, check_finite=check_finite, teacher_rows=teacher_rows,
-                    backend=backend, reverse=False)
-
-
-reverse_kl_loss.__doc__ = ("RKLU loss: per valid row `KL(p_θ ‖ p_t) = Σ_v p_θ(v)(log p_θ(v) − log p_t(v))`, "
-                           "reduced.\n" + _DOC_ARGS)
-forward_kl_loss.__doc__ = ("FKLU loss (and the 'KL' retain term): per valid row `KL(p_t ‖ p_θ) = "
-                           "Σ_v p_t(v)(log p_t(v) − log p_θ(v))`, reduced.\n" + _DOC_ARGS)
+reverse_kl_loss = _public_loss("reverse_kl_loss", True, "RKLU loss: per valid row `KL(p_θ ‖ p_t) = Σ_v p_θ(v)(log "
+                               "p_θ(v) − log p_t(v))`, reduced.")
+forward_kl_loss = _public_loss("forward_kl_loss", False, "FKLU loss (and the 'KL' retain term): per valid row "
+                               "`KL(p_t ‖ p_θ) = Σ_v p_t(v)(log p_t(v) − log p_θ(v))`, reduced.")
