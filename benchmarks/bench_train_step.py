@@ -8,8 +8,8 @@ Models are randomly initialised from the architectures' configs (weights' values
 - loss kernel: ``eager`` = ``backend="torch"`` (the materialising reference) vs ``fused`` = ``backend="auto"``
   (CUDA/Triton on a GPU; on a CPU the C++ kernel if built, else the reference again — the row says which);
 - teacher mode: ``online`` (original + augmented models loaded and run every step) vs ``cached`` (one forward
-  over the forget set into a host-memory ``TeacherCache``, then the teacher models are freed).  Cached rows also
-  report tokens/s with the cache build time amortised over ``--epochs`` epochs.
+  over the forget set into a ``TeacherCache``, in GPU memory when it fits, then the teacher models are freed).
+  Cached rows also report tokens/s with the cache build time amortised over ``--epochs`` epochs.
 Each row also times the loss alone (forward + backward on one micro-batch's logits) to show the kernel's share.
 
 Llama-2-7B runs cached only, with the memory plan of docs/memory-and-scale.md (bf16 weights, BF16AdamW with Kahan
@@ -34,7 +34,7 @@ import rklu_fast  # noqa: E402
 from rklu_fast.data.collate import collate  # noqa: E402
 from rklu_fast.train.lowmem import build_optimizer, set_gradient_checkpointing  # noqa: E402
 from rklu_fast.train.teacher_cache import (CacheKey, CachedTeacher, build_forget_cache,  # noqa: E402
-                                           model_logits_fn)
+                                           model_logits_fn, place_cache)
 
 SCHEMA = "rklu_fast.bench_train_step/1"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -104,8 +104,8 @@ class Run:
                            ARCHS[arch][1]["vocab_size"])
             sync(device)
             t0 = time.perf_counter()
-            cache = build_forget_cache(model_logits_fn(original, augmented), self.examples, key, pad_token_id=0,
-                                       micro_batch_size=self.micro, device=device)
+            cache = place_cache(build_forget_cache(model_logits_fn(original, augmented), self.examples, key,
+                                                   pad_token_id=0, micro_batch_size=self.micro, device=device), device)
             sync(device)
             self.cache_build_s = time.perf_counter() - t0
             self.cache_bytes = cache.nbytes()

@@ -148,10 +148,16 @@ def rklu_usable() -> dict[str, tuple[bool, str]]:
     return usable
 
 
-def _rklu(backend: str):
+# The device type each native backend runs on (torch and triton run on both).
+_BACKEND_DEVICE = {"cpu": "cpu", "cuda": "cuda"}
+
+
+def _rklu(backend: str, device: str):
     ok, why = rklu_usable()[backend]
     if not ok:
         raise Unavailable(f"rklu_fast backend {backend!r} not usable here: {why}")
+    if _BACKEND_DEVICE.get(backend, device) != device:
+        raise Unavailable(f"rklu_fast backend {backend!r} runs on {_BACKEND_DEVICE[backend]} tensors, not {device}")
     import rklu_fast
 
     def loss(student, original, augmented, labels, alpha):
@@ -174,7 +180,7 @@ def build(name: str, device: str, compile_backend: str = "inductor"):
     elif name == "liger_jsd":
         fn = _liger(device)
     elif name.startswith("rklu_"):
-        fn = _rklu(name[len("rklu_"):])
+        fn = _rklu(name[len("rklu_"):], device)
     else:
         raise ValueError(f"name: unknown loss method {name!r}; known: {sorted(BY_NAME)}")
     if compile_backend != "inductor" and name.startswith("compile"):

@@ -233,11 +233,14 @@ std::tuple<at::Tensor, at::Tensor> kl_fwd_cpu(const at::Tensor& student, const a
   StoreFn store = compute_grad ? storer(student.scalar_type()) : nullptr;
   char* grad_p = compute_grad ? static_cast<char*>(grad.data_ptr()) : nullptr;
   const int64_t g_elem = student.element_size();
+  // Checked before the parallel region: an exception must not cross OpenMP threads.
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(trow[i] < M, "rklu_fast: teacher_row[", i, "] = ", trow[i], " but the teacher has ", M, " rows");
+  }
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     auto scratch = std::make_unique<Scratch>();
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = trow[i];
-      TORCH_CHECK(t < M, "rklu_fast: teacher_row[", i, "] = ", t, " but the teacher has ", M, " rows");
       char* grad_row = compute_grad ? grad_p + i * V * g_elem : nullptr;
       if (t < 0) {  // ignored row: no reads, zeros out
         loss_p[i] = 0.f;

@@ -25,10 +25,10 @@ NEG_INF = tl.constexpr(float("-inf"))  # a constexpr global: kernels may read it
 
 
 @triton.jit
-def _teacher_chunk(O, A, o_off, a_off, cols, inb, alpha, inv_t, HAS_AUG: tl.constexpr):
-    lo = tl.load(O + o_off + cols, mask=inb, other=NEG_INF).to(tl.float32)
+def _teacher_chunk(O, A, o_off, a_off, cols, inb, alpha, inv_t, HAS_AUG: tl.constexpr, POLICY: tl.constexpr):
+    lo = tl.load(O + o_off + cols, mask=inb, other=NEG_INF, eviction_policy=POLICY).to(tl.float32)
     if HAS_AUG:
-        la = tl.load(A + a_off + cols, mask=inb, other=NEG_INF).to(tl.float32)
+        la = tl.load(A + a_off + cols, mask=inb, other=NEG_INF, eviction_policy=POLICY).to(tl.float32)
         lo_is_neg_inf = lo == NEG_INF
         d = la - tl.where(lo_is_neg_inf, 0.0, lo)
         penalty = tl.where(d < 0.0, 0.0, d)  # relu that keeps NaN
@@ -49,7 +49,10 @@ def _to_out(x, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
 @triton.jit
 def _kl_fwd_kernel(S, O, A, TR, LOSS, G, SCALE, s_stride, o_stride, a_stride, V, alpha, inv_t,
                    HAS_AUG: tl.constexpr, REVERSE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                   BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+                   BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr, L2_HINTS: tl.constexpr):
+    # L2_HINTS: pass 1 asks L2 to keep the row (evict_last) for pass 2, whose reads are the row's last use
+    FIRST: tl.constexpr = "evict_last" if L2_HINTS and COMPUTE_GRAD else ""
+    LAST: tl.constexpr = "evict_first" if L2_HINTS else ""
     row = tl.program_id(0).to(tl.int64)
     t_row = tl.load(TR + row)
     offs = tl.arange(0, BLOCK)
@@ -72,8 +75,8 @@ def _kl_fwd_kernel(S, O, A, TR, LOSS, G, SCALE, s_stride, o_stride, a_stride, V,
         for start in range(0, V, BLOCK):
             cols = start + offs
             inb = cols < V
-            a = tl.load(S + s_off + cols, mask=inb, other=NEG_INF).to(tl.float32) * inv_t
-            b = _teacher_chunk(O, A, o_off, a_off, cols, inb, alpha, inv_t, HAS_AUG)
+            a = tl.load(S + s_off + cols, mask=inb, other=NEG_INF, eviction_policy=FIRST).to(tl.float32) * inv_t
+            b = _teacher_chunk(O, A, o_off, a_off, cols, inb, alpha, inv_t, HAS_AUG, FIRST)
             a_ok = inb & (a != NEG_INF)  # NaN counts as present, so it propagates
             b_ok = inb & (b != NEG_INF)
             new_m_s = tl.maximum(m_s, tl.max(tl.where(a_ok, a, NEG_INF), 0))
@@ -110,8 +113,8 @@ def _kl_fwd_kernel(S, O, A, TR, LOSS, G, SCALE, s_stride, o_stride, a_stride, V,
             for start in range(0, V, BLOCK):
                 cols = start + offs
                 inb = cols < V
-                a = tl.load(S + s_off + cols, mask=inb, other=NEG_INF).to(tl.float32) * inv_t
-                b = _teacher_chunk(O, A, o_off, a_off, cols, inb, alpha, inv_t, HAS_AUG)
+                a = tl.load(S + s_off + cols, mask=inb, other=NEG_INF, eviction_policy=LAST).to(tl.float32) * inv_t
+                b = _teacher_chunk(O, A, o_off, a_off, cols, inb, alpha, inv_t, HAS_AUG, LAST)
                 a_ok = inb & (a != NEG_INF)
                 p = tl.where(a_ok, tl.exp(a - ms) / sum_s, 0.0)
                 if REVERSE:
@@ -144,12 +147,21 @@ def _bf16_by_hand(dtype: torch.dtype) -> bool:
     return _INTERPRET and dtype == torch.bfloat16
 
 
+# GPU launch overrides for benchmarks/tune_kernels.py (None: the measured rule in _launch_shape).
+GPU_LAUNCH = {"block": None, "warps": None, "l2_hints": True}
+
+
 def _launch_shape(v: int):
-    """(BLOCK, num_warps) for vocab size v: a function of v only, so results are bitwise reproducible."""
+    """(BLOCK, num_warps, L2 hints) for vocab size v: a function of v only, so results are bitwise reproducible.
+
+    On an H100 (benchmarks/results/tune_kernels_*.json, N = 16384 bf16, gradient-writing): V = 32000 is fastest
+    with 4096-wide chunks and 16 warps, V = 51200 with 2048 and 8; L2 hints help by 5-15 %."""
     if _INTERPRET:  # the interpreter's cost is per chunk: few, wide chunks
-        return min(triton.next_power_of_2(v), 8192), 1
-    block = min(triton.next_power_of_2(v), 4096)
-    return block, (4 if block <= 1024 else 8)
+        return min(triton.next_power_of_2(v), 8192), 1, False
+    cap, warps = (4096, 16) if v <= 32768 else (2048, 8)
+    block = min(triton.next_power_of_2(v), GPU_LAUNCH["block"] or cap)
+    warps = GPU_LAUNCH["warps"] or warps
+    return block, (min(warps, 4) if block <= 1024 else warps), GPU_LAUNCH["l2_hints"]
 
 
 def _device_of(t: torch.Tensor):
@@ -164,21 +176,22 @@ def kl_fwd(student, original, augmented, teacher_row, grad_scale, alpha: float, 
     loss = torch.empty(n, dtype=torch.float32, device=student.device)
     grad = torch.empty((n, v) if compute_grad else (0,), dtype=student.dtype, device=student.device)
     aug = original if augmented is None else augmented
-    block, warps = _launch_shape(v)
+    block, warps, hints = _launch_shape(v)
     if n:
         with _device_of(student):
             _kl_fwd_kernel[(n,)](student, original, aug, teacher_row, loss, grad, grad_scale,
                                  student.stride(0), original.stride(0), aug.stride(0), v, float(alpha),
                                  float(inv_temperature), HAS_AUG=augmented is not None, REVERSE=bool(reverse),
                                  COMPUTE_GRAD=bool(compute_grad), BLOCK=block,
-                                 BF16_BY_HAND=_bf16_by_hand(student.dtype), num_warps=warps)
+                                 BF16_BY_HAND=_bf16_by_hand(student.dtype), L2_HINTS=hints,
+                                 num_warps=warps)
     return loss, grad
 
 
 def kl_scale_grad_(grad, applied, grad_output_rows) -> None:
     """Contract `kl_scale_grad_`: in place, one program per row, nothing but `g` read where `g == applied`."""
     n, v = grad.shape
-    block, warps = _launch_shape(v)
+    block, warps, _ = _launch_shape(v)
     if n:
         with _device_of(grad):
             _scale_grad_kernel[(n,)](grad, applied, grad_output_rows.to(torch.float32).contiguous(), v,

@@ -228,7 +228,7 @@ def test_cpp_ops_and_python_custom_op_share_the_namespace_in_either_import_order
 @pytest.mark.parametrize("reverse", [True, False])
 @pytest.mark.parametrize("dtype,v", [(torch.bfloat16, 32000), (torch.float32, 32000), (torch.float16, 1003)])
 def test_cuda_matches_cpu(reverse, dtype, v):
-    # bf16 32000: rows staged in shared memory; fp32 32000: re-read from global; V = 1003: unaligned rows
+    # 16-byte loads with L2 hints (bf16 and fp32 rows of 32000) and the unaligned path (V = 1003)
     student, original, augmented = (logits(6, v, dtype, seed=s) for s in (21, 22, 23))
     rows = torch.tensor([0, -1, 5, 2, 2, 4])
     cpu = run_fwd(student, original, augmented, rows, reverse=reverse, grad_scale=0.5)

@@ -96,9 +96,11 @@ def _losses(out_dir):
         return [(r["step"], r["forget_loss"], r["retain_loss"]) for r in map(json.loads, f)]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
     _run(single)  # 1 process: here (one spawn fewer to import torch and transformers in)
+    # the workers are CPU ranks on a GPU machine too (accelerate's barrier would otherwise name GPU `rank`)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     mp.spawn(_worker, args=(2, _free_port(), multi), nprocs=2, join=True)
     one, two = _losses(single), _losses(multi)  # only rank 0 writes the log
     # each rank computed the loss on its half of each step's 8 examples: 2 steps x 4

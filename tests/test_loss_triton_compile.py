@@ -21,10 +21,11 @@ target = GPUTarget("cuda", 90, 32)
 fwd_sig = {"S": "*bf16", "O": "*fp16", "A": "*fp32", "TR": "*i64", "LOSS": "*fp32", "G": "*bf16", "SCALE": "*fp32",
            "s_stride": "i64", "o_stride": "i64", "a_stride": "i64", "V": "i32", "alpha": "fp32", "inv_t": "fp32",
            "HAS_AUG": "constexpr", "REVERSE": "constexpr", "COMPUTE_GRAD": "constexpr", "BLOCK": "constexpr",
-           "BF16_BY_HAND": "constexpr"}
+           "BF16_BY_HAND": "constexpr", "L2_HINTS": "constexpr"}
 for reverse in (True, False):
     for has_aug in (True, False):
-        consts = {"HAS_AUG": has_aug, "REVERSE": reverse, "COMPUTE_GRAD": True, "BLOCK": 4096, "BF16_BY_HAND": False}
+        consts = {"HAS_AUG": has_aug, "REVERSE": reverse, "COMPUTE_GRAD": True, "BLOCK": 4096, "BF16_BY_HAND": False,
+                  "L2_HINTS": True}
         triton.compile(ASTSource(fn=K._kl_fwd_kernel, signature=fwd_sig, constexprs=consts), target=target,
                        options={"num_warps": 8})
 scale_sig = {"G": "*bf16", "APPLIED": "*fp32", "GO": "*fp32", "V": "i32", "BLOCK": "constexpr",

@@ -193,6 +193,10 @@ class TeacherCache:
                   for f in ("original.bin", "augmented.bin")]
         return cls(*stores, torch.tensor(meta["offsets"], dtype=torch.long), key)
 
+    def to(self, device: torch.device | str) -> "TeacherCache":
+        """The same cache with its rows on ``device`` (e.g. the GPU when it fits: no host copy per step)."""
+        return TeacherCache(self.original.to(device), self.augmented.to(device), self.offsets, self.key)
+
     def rows(self, indices: torch.Tensor | list[int], device: torch.device | str | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher rows ``(original, augmented)`` of a batch of examples, concatenated in batch order."""
@@ -261,6 +265,15 @@ class CachedTeacher:
         return self.original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+def place_cache(cache: TeacherCache, device) -> TeacherCache:
+    """On a GPU, the cache moves to device memory when it takes at most a quarter of what is free: a host cache
+    costs a gather and a pageable host-to-device copy of every micro-batch's rows (measured on an H100 with
+    Phi-1.5: cached steps were slower than online ones until the cache moved)."""
+    if torch.device(device).type == "cuda" and cache.nbytes() <= torch.cuda.mem_get_info(device)[0] // 4:
+        return cache.to(device)
+    return cache
+
+
 TEACHER_MODES = ("auto", "online", "cached")
 
 
@@ -274,7 +287,8 @@ def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Modul
     """The unlearn stage's teacher source (config ``teacher.mode``).
 
     ``online``: ``OnlineTeacher`` (both models on ``device``).  ``cached``: build (or, with ``cache_dir``, load
-    and check) the cache, then keep neither model unless ``keep_original`` (the ``KL`` retain term).  ``auto``:
+    and check) the cache, then keep neither model unless ``keep_original`` (the ``KL`` retain term); on a GPU the
+    cache moves to device memory when it takes at most a quarter of what is free.  ``auto``:
     cached when the cache fits in half the free host memory or ``cache_dir`` is given, else online.  The cache is
     built under ``autocast`` (the training loop's ``accelerator.autocast``), so it holds the logits, in the
     dtype, that the online path would compute.
@@ -306,4 +320,4 @@ def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Modul
     else:
         cache = build_forget_cache(under_autocast, examples, key, pad_token_id=pad_token_id,
                                    micro_batch_size=micro_batch_size, device=device, path=cache_dir)
-    return CachedTeacher(cache, examples, original=original if keep_original else None)
+    return CachedTeacher(place_cache(cache, device), examples, original=original if keep_original else None)
