@@ -51,26 +51,24 @@ __device__ __forceinline__ float load1(const char* p, int dtype, int j) {
 // kPlain (no hint). Hints are PTX cache hints only: they change no value.
 enum Policy : int { kPlain = 0, kKeep = 1, kLast = 2 };
 
+// One 16-byte load under an L2 eviction policy (a PTX literal: evict_last or evict_first).
+#define RKLU_LOAD16_L2(POLICY, u, p)                                                      \
+  asm("{\n\t.reg .b64 pol;\n\t"                                                          \
+      "createpolicy.fractional.L2::" POLICY ".b64 pol, 1.0;\n\t"                           \
+      "ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], pol;\n\t}"                  \
+      : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)                                      \
+      : "l"(p))
+
 template <int kPolicy>
 __device__ __forceinline__ uint4 load16(const void* p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (kPolicy == kKeep) {
+  if constexpr (kPolicy != kPlain) {
     uint4 u;
-    asm(
-        "{\n\t.reg .b64 pol;\n\t"
-        "createpolicy.fractional.L2::evict_last.b64 pol, 1.0;\n\t"
-        "ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], pol;\n\t}"
-        : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
-        : "l"(p));
-    return u;
-  } else if constexpr (kPolicy == kLast) {
-    uint4 u;
-    asm(
-        "{\n\t.reg .b64 pol;\n\t"
-        "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n\t"
-        "ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], pol;\n\t}"
-        : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
-        : "l"(p));
+    if constexpr (kPolicy == kKeep) {
+      RKLU_LOAD16_L2("evict_last", u, p);
+    } else {
+      RKLU_LOAD16_L2("evict_first", u, p);
+    }
     return u;
   }
 #endif
