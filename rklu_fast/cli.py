@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  rklu run --config configs/tiny-tofu.yaml                 # whole pipeline, tiny model, CPU\n"
                "  rklu run --config configs/tiny-tofu.yaml unlearn.epochs=2 run_dir=runs/short\n"
                "  rklu unlearn --config configs/llama2-7b-tofu.yaml unlearn.method=fklu\n"
+               "  rklu run --config configs/tiny-tofu-lora.yaml            # LoRA adapters on one shared base\n"
+               "  rklu run --config configs/tiny-tofu.yaml lora.enabled=true lora.r=8 run_dir=runs/lora\n"
                "  rklu run --config configs/tiny-tofu.yaml --resume        # continue a killed run")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in _HELP.items():

@@ -60,14 +60,25 @@ DEFAULTS: dict = {
     # forward over the forget set, then the models are freed) | auto (cached when it fits in half the free host
     # memory, or when cache_dir is set). cache_dir: memory-map the cache there (reused if it matches the run).
     "teacher": {"mode": "auto", "cache_dir": None},
+    # LoRA (docs/pipeline.md): augment trains an adapter on the original, unlearn trains the student as a second
+    # adapter; original = adapters off, so one copy of the base weights serves all three. finetune stays full.
+    # target_modules: all-linear or a list of module names (q_proj, v_proj, ...); merge: also write <role>/merged/.
+    "lora": {"enabled": False, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "merge": False},
     "log": {"every": 1, "tensorboard": True},
     "checkpoint": {"keep_last": 1},  # epoch checkpoints kept per stage (the final model is always kept)
-    "eval": {"max_examples": 200},   # examples per set for the before/after answer-probability summary
+    # max_examples: examples per set for the before/after answer-probability summary.  every_epoch: TOFU metrics
+    # of the unlearning student at every epoch boundary (docs/evaluation.md) on the first ds_size rows per split
+    # (TOFU: 300), data from source (null: the default TOFU folder); max_new_tokens caps generations (null: TOFU's
+    # max_length-200 rule); forget quality compares with the oracle when the run has one.
+    "eval": {"max_examples": 200, "every_epoch": False, "ds_size": 300, "batch_size": 16, "max_new_tokens": None,
+             "source": None},
 }
 # Keys that may be set to null (off) although their default is a number.
 _NULLABLE = {"max_grad_norm", "max_examples", "retain"}
 # Keys whose value is a free-form mapping (not checked key by key).
 _FREE = {("model", "random_init")}
+# Keys that take a string or a list of strings.
+_STR_OR_LIST = {("lora", "target_modules")}
 _CHOICES = {
     ("precision",): ("bf16", "fp16", "no"),
     ("model", "template"): ("llama2", "phi", "plain"),
@@ -120,6 +131,11 @@ def _check_types(config: dict, defaults: dict, prefix: tuple = ()) -> None:
             raise ConfigError(f"{name}: must be a mapping or null, got {value!r}")
         if default is None or (value is None and key in _NULLABLE):
             continue
+        if path in _STR_OR_LIST:
+            if not (isinstance(value, str) or isinstance(value, list) and value
+                    and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{name}: must be a string or a non-empty list of strings, got {value!r}")
+            continue
         expected = (int, float) if isinstance(default, float) else type(default)
         if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
             raise ConfigError(f"{name}: must be {getattr(expected, '__name__', 'a number')}, got {value!r}")
@@ -138,6 +154,11 @@ def _check_values(c: dict) -> None:
                               f"{stage}.micro_batch_size {s['micro_batch_size']}")
         if s["weight_decay"] < 0 or s["warmup_epochs"] < 0:
             raise ConfigError(f"{stage}: weight_decay and warmup_epochs must be ≥ 0")
+        if c["lora"]["enabled"] and stage != "finetune":  # adapters train in fp32 whatever the base's dtype
+            if s["optimizer"] == "adamw_bf16":
+                raise ConfigError(f"{stage}.optimizer: adamw_bf16 is for bf16 weights; LoRA adapters are fp32, "
+                                  "use adamw (or adamw_8bit)")
+            continue
         if s["optimizer"] == "adamw_bf16" and c["model"]["dtype"] != "bfloat16":
             raise ConfigError(f"{stage}.optimizer: adamw_bf16 is for bf16 weights; set model.dtype=bfloat16 "
                               f"(got {c['model']['dtype']!r}) or use adamw")
@@ -166,6 +187,27 @@ def _check_values(c: dict) -> None:
         raise ConfigError(f"threads: must be a positive int or null, got {threads!r}")
     if c["unlearn"]["alpha"] < 0:
         raise ConfigError(f"unlearn.alpha: must be ≥ 0, got {c['unlearn']['alpha']!r}")
+    ev = c["eval"]
+    for key in ("ds_size", "batch_size", "max_new_tokens"):
+        if ev[key] is not None and (isinstance(ev[key], bool) or not isinstance(ev[key], int) or ev[key] < 1):
+            raise ConfigError(f"eval.{key}: must be a positive int, got {ev[key]!r}")
+    if ev["every_epoch"]:
+        from rklu_fast.eval.tofu import FORGET_SPLITS  # the forget splits TOFU has perturbed answers for
+
+        if c["data"]["kind"] != "tofu" or c["data"]["forget"] not in FORGET_SPLITS:
+            raise ConfigError(f"eval.every_epoch: TOFU metrics need data.kind tofu and data.forget one of "
+                              f"{list(FORGET_SPLITS)}, got kind {c['data']['kind']!r}, forget "
+                              f"{c['data']['forget']!r}")
+    lora = c["lora"]
+    if lora["enabled"]:
+        if isinstance(lora["r"], bool) or not isinstance(lora["r"], int) or lora["r"] < 1:
+            raise ConfigError(f"lora.r: must be a positive int, got {lora['r']!r}")
+        if lora["alpha"] <= 0 or not 0 <= lora["dropout"] < 1:
+            raise ConfigError(f"lora.alpha, lora.dropout: need alpha > 0 and 0 ≤ dropout < 1, got "
+                              f"{lora['alpha']!r}, {lora['dropout']!r}")
+        if c["augment"]["model"] is not None:
+            raise ConfigError("augment.model: LoRA mode trains the augmented adapter on the original itself; set "
+                              "augment.model=null or lora.enabled=false")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:

@@ -9,12 +9,13 @@ import pytest
 from scipy.stats import hmean, ks_2samp
 
 from rklu_fast.data import get_template, load_tofu
+from rklu_fast.data.tofu import default_data_dir
 from rklu_fast.eval import aggregate
 from rklu_fast.eval.aggregate import (SECTIONS, forget_quality, load_scores, model_utility, normalised_probability,
                                       truth_ratio_score, truth_ratio_stat)
 from rklu_fast.eval.rouge import rouge_scores
 
-LOGS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu_eval_logs"
+LOGS = default_data_dir("tofu_eval_logs") or Path("../shared/data/tofu_eval_logs")  # $RKLU_DATA_DIR or ../shared
 FULL, RETAIN = LOGS / "llama2-7b_full_wd0.01.json", LOGS / "llama2-7b_retain90_wd0.01.json"
 needs_logs = pytest.mark.skipif(not FULL.is_file(), reason=f"TOFU's official logs not found in {LOGS}")
 SPLIT_OF_SECTION = {"eval_log.json": "retain_perturbed", "eval_log_forget.json": "forget10_perturbed",

@@ -10,14 +10,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 
 from rklu_fast.data import encode_qa, get_template, load_tofu
-from rklu_fast.data.tofu import default_data_dir
 from rklu_fast.data.tokenizer import train_bpe_tokenizer
 from rklu_fast.eval import aggregate, evaluate_tofu
 from rklu_fast.eval.cli import main as eval_main
-from rklu_fast.eval.tofu import answer_losses
+from rklu_fast.eval.rouge import rouge_scores
+from rklu_fast.eval.tofu import answer_losses, tofu_tasks
+from tiny_pipeline import needs_tofu, one_thread  # noqa: F401 (one_thread: autouse)
 
 LLAMA2 = get_template("llama2")
-needs_tofu = pytest.mark.skipif(default_data_dir("tofu") is None, reason="TOFU files not found (../shared/data/tofu)")
 
 # ---- a model whose next-token distribution is fixed: p(A)=1/2, p(B)=1/4, p(EOS)=1/8, the other 9 share 1/8 ----
 VOCAB = ["<pad>", "<s>", "</s>", "[", "[/", "INST", "]", "Q", "A", "B", "C", "<unk>"]
@@ -71,7 +71,7 @@ def test_whole_evaluation_hand_computed(tmp_path):
         write_split(tmp_path, name, [{"question": "Q", "answer": "A", "perturbed_answer": ["B", "C", "A A"]}] * 2)
     log, seconds = evaluate_tofu(fixed_distribution_model(), word_tokenizer(), LLAMA2, forget_split="forget01",
                                  source=tmp_path, batch_size=2, max_new_tokens=4, out_dir=tmp_path / "out")
-    assert set(seconds) == {"retain", "real_authors", "world_facts", "forget"}
+    assert set(seconds) == {"retain", "real_authors", "world_facts", "forget", "generation"}
     assert json.loads((tmp_path / "out" / "eval_log_aggregated.json").read_text()) == log
 
     retain = log["eval_log.json"]
@@ -198,3 +198,54 @@ def test_left_padded_batched_generation_equals_one_at_a_time(tiny):
         generate(model, tok, prompts, max_new_tokens=2, max_length=20)
     with pytest.raises(ValueError, match="nothing to generate"):
         generate(model, tok, [], max_new_tokens=2)
+
+
+@needs_tofu
+def test_fast_path_equals_one_sample_at_a_time(tiny):
+    """The fast path (distinct pairs scored once in length-sorted batches; generation in one static-cache chunk)
+    equals scoring and generating every sample alone (TOFU's max_length rule: the next test)."""
+    model, tok = tiny
+    log, _ = evaluate_tofu(model, tok, LLAMA2, forget_split="forget01", ds_size=3, batch_size=2, max_new_tokens=8)
+    for task in tofu_tasks("forget01"):
+        rows, section = load_tofu(task.data_split)[:3], log[task.section]
+        prompts = [tok(LLAMA2.prompt(r["question"]))["input_ids"] for r in rows]
+        for i, r in enumerate(rows):
+            for key, answers in (("gt_loss", [r["answer"]]), ("paraphrased_loss", [r[task.base_key]]),
+                                 ("perturb_loss", r["perturbed_answer"])):
+                alone = []
+                for a in answers:
+                    enc = encode_qa(tok, LLAMA2, r["question"], a, max_length=200)
+                    with torch.no_grad():
+                        logits = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0, :-1]
+                    alone.append(torch.nn.functional.cross_entropy(logits, torch.tensor(enc["labels"][1:]),
+                                                                   reduction="sum").item())
+                np.testing.assert_allclose(section[key][str(i)], alone if key == "perturb_loss" else alone[0],
+                                           rtol=1e-6)
+            with torch.no_grad():
+                out = model.generate(torch.tensor([prompts[i]]), max_new_tokens=8, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            text = tok.decode(out[0, len(prompts[i]):], skip_special_tokens=True)
+            assert section["generated_text"][str(i)][1] == text
+            assert section["rougeL_recall"][str(i)] == rouge_scores(r["answer"], text)["rougeL_recall"]
+
+
+@needs_tofu
+def test_chunked_greedy_generation_keeps_tofus_per_batch_max_length(tiny):
+    """One big chunk, rows cut at their budgets == HF's own max_length on each left-padded batch of batch_size."""
+    from rklu_fast.eval.generate import generate, left_padding, token_budgets
+
+    model, tok = tiny
+    prompts = [LLAMA2.prompt(r["question"]) for r in load_tofu("forget01")[:5]] + [LLAMA2.prompt("Hi?")]
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    max_length = max(lengths) + 5
+    assert token_budgets(lengths, 2, max_length, None) == [max_length - max(lengths[s:s + 2])
+                                                           for s in range(0, 6, 2) for _ in range(2)]
+    chunked = generate(model, tok, prompts, batch_size=2, chunk_size=6, max_length=max_length)
+    expected = []
+    with left_padding(tok), torch.no_grad():
+        for s in range(0, len(prompts), 2):
+            enc = tok(prompts[s:s + 2], padding=True, return_tensors="pt")
+            out = model.generate(**enc, max_length=max_length, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+            expected += [[t] for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    assert chunked == expected

@@ -1,5 +1,6 @@
-"""Shared helpers of the data/train/CLI tests: a few real TOFU records in a temporary TOFU folder, a small BPE
-tokenizer trained on them, and config overrides for tiny random-init Llama / Phi models."""
+"""Shared helpers of the data/train/CLI/eval tests: a few real TOFU records in a temporary TOFU folder, a small BPE
+tokenizer trained on them, config overrides for tiny random-init Llama / Phi models, the `needs_tofu` skip mark and
+the `one_thread` fixture (autouse in the modules that import it)."""
 from __future__ import annotations
 
 import functools
@@ -7,10 +8,23 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
+import torch
+
 from rklu_fast.data import default_data_dir, load_tofu
 from rklu_fast.data.templates import TEMPLATES
 
 N_FORGET, N_RETAIN = 8, 8
+needs_tofu = pytest.mark.skipif(default_data_dir("tofu") is None, reason="TOFU files not found (../shared/data/tofu)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one torch thread is many times faster than contending for two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

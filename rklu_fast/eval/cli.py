@@ -21,10 +21,12 @@ def _guarded(command):
     return run
 
 
-def _load_model(name: str, tokenizer: str | None, device: str, dtype: str):
+def _load_model(name: str, tokenizer: str | None, device: str, dtype: str, threads: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
@@ -42,6 +44,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; tiny models on a shared CPU are fastest with 1)")
     p.add_argument("--out", default=None, help="output folder (default: <model>/eval_results or ./eval_results)")
 
 
@@ -61,11 +65,11 @@ def _cmd_tofu(args) -> int:
     template = get_template(args.template)
     if args.retain_log and not Path(args.retain_log).is_file():  # fail before the long evaluation, not after
         raise FileNotFoundError(f"--retain-log: no such file {args.retain_log!r}")
-    model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype)
+    model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype, args.threads)
     out = _out_dir(args, f"ds_size{args.ds_size}")
     log, seconds = evaluate_tofu(model, tokenizer, template, forget_split=args.forget_split, source=args.data,
                                  ds_size=args.ds_size, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens, out_dir=out)
+                                 max_new_tokens=args.max_new_tokens, out_dir=out, gen_chunk=args.gen_chunk)
     result = {**aggregate(log, args.retain_log), "seconds_per_split": seconds, "forget_split": args.forget_split,
               "model": args.model, "template": template.name, "ds_size": args.ds_size}
     js, md = write_report(out, args.name or Path(args.model).name, result)
@@ -95,7 +99,7 @@ def _cmd_leak(args) -> int:
     from rklu_fast.eval.report import write_report
 
     rows = load_tofu(args.forget_split, args.data)[:args.max_questions]
-    model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype)
+    model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype, args.threads)
     probe = leak_probe(model, tokenizer, get_template(args.template), rows, k=args.k,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     table = leak_table(probe, max_rows=args.rows)
@@ -111,7 +115,7 @@ def _cmd_copyright(args) -> int:
     from rklu_fast.eval.copyright import continuation_scores, perplexity, wikitext_segments
     from rklu_fast.eval.report import write_report
 
-    model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype)
+    model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype, args.threads)
     result = {}
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8")
@@ -155,6 +159,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ds-size", type=int, default=300, help="rows per split (TOFU: 300)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap generations (default: TOFU's max_length 200 for prompt + answer)")
+    p.add_argument("--gen-chunk", type=int, default=64,
+                   help="prompts per generate call (default 64; lower it if generation runs out of memory; "
+                        "generations follow TOFU's batches of --batch-size whatever it is)")
     p.add_argument("--retain-log", default=None, help="the retain model's log, to compute forget quality")
     p.add_argument("--name", default=None, help="run name in the report (default: the model folder's name)")
     p.set_defaults(func=_guarded(_cmd_tofu))

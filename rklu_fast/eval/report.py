@@ -36,6 +36,17 @@ def report_markdown(name: str, result: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def epochs_markdown(name: str, points: list[dict]) -> str:
+    """Markdown table of per-epoch points (``eval_epochs.json``): the curve's numbers and the time each took."""
+    keys = ("model_utility", "forget_quality", "forget_truth_ratio", "forget_prob", "forget_rougeL",
+            "eval_seconds", "train_seconds")
+    lines = [f"# Per-epoch evaluation: {name}", "", "| epoch | " + " | ".join(keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {p['epoch']:g} | " + " | ".join("–" if p.get(k) is None else _fmt(p[k]) for k in keys) + " |"
+              for p in points]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out_dir: str | Path, name: str, result: dict) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)

@@ -7,12 +7,24 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, tokenize, tokenizers
+from nltk.stem.porter import PorterStemmer  # what rouge-score itself stems with
+
+
+class _CachedStemmingTokenizer(tokenizers.Tokenizer):
+    """rouge-score's ``DefaultTokenizer(use_stemmer=True)`` with each word's stem computed once: the pure-Python
+    Porter stemmer is most of ROUGE's time, and answers repeat their words (and, across epochs, whole texts)."""
+
+    def __init__(self):
+        self.stem = lru_cache(maxsize=1 << 16)(PorterStemmer().stem)
+
+    def tokenize(self, text: str) -> list[str]:
+        return tokenize.tokenize(text, self)
 
 
 @lru_cache(maxsize=1)
 def _scorer() -> rouge_scorer.RougeScorer:
-    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], tokenizer=_CachedStemmingTokenizer())
 
 
 def rouge_scores(gold: str, generated: str) -> dict[str, float]:

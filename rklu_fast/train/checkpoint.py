@@ -1,8 +1,9 @@
 """Atomic checkpoints in ``save_pretrained`` form, and the training state that makes ``--resume`` exact.
 
-A checkpoint directory holds the model (``save_pretrained``), the tokenizer, and ``training_state.pt``
-(step, optimizer, scheduler, RNG states).  It is written to a temporary sibling, fsynced, then renamed: a
-killed run leaves either the whole checkpoint or none, never half of one.
+A checkpoint directory holds the model (``save_pretrained``; of a peft model only its active adapter, see
+``lora.save_adapter``), the tokenizer, and ``training_state.pt`` (step, optimizer, scheduler, RNG states).  It is
+written to a temporary sibling, fsynced, then renamed: a killed run leaves either the whole checkpoint or none,
+never half of one.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,7 +67,13 @@ def save_model(path: str | Path, model, tokenizer=None) -> None:
 
 
 def _save_pretrained(directory: Path, model, tokenizer) -> None:
-    model.save_pretrained(directory)
+    peft = sys.modules.get("peft")  # a PeftModel exists only once peft is imported
+    if peft is not None and isinstance(model, peft.PeftModel):  # LoRA: the trained adapter, not the frozen base
+        from rklu_fast.train.lora import save_adapter
+
+        save_adapter(directory, model)
+    else:
+        model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 

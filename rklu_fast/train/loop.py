@@ -110,13 +110,17 @@ def accumulate_gradients(model, method, forget_examples: list[dict], micro_batch
 def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, out_dir: str | Path, accelerator, *,
           teacher=None, retain_examples: list[dict] | None = None, retain_term=None, retain_weight: float = 1.0,
           seed: int = 0, resume_from: str | Path | None = None, stop_after_steps: int | None = None,
-          log_every: int = 1, tensorboard: bool = True, keep_last: int = 1, desc: str = "train") -> bool:
+          log_every: int = 1, tensorboard: bool = True, keep_last: int = 1, desc: str = "train",
+          on_epoch=None) -> bool:
     """Train ``model`` in place for one stage; epoch checkpoints go to ``out_dir/checkpoints``.
 
     ``stage``: the stage's config (epochs, lr, weight_decay, batch_size, micro_batch_size, warmup_epochs,
     max_grad_norm).  ``resume_from``: a checkpoint whose weights ``model`` already holds; the optimizer,
     scheduler, RNG and step are restored from it.  ``stop_after_steps``: return after that many steps of this
-    stage (a simulated kill, for tests).  Returns True when the stage ran to its last step.
+    stage (a simulated kill, for tests).  ``on_epoch(epoch, model)``: called on the main process at every epoch
+    boundary: before the first step (epoch 0, or the epoch resumed from), after each completed epoch, and after a
+    fractional last epoch (e.g. per-epoch evaluation, connected by the pipeline); it may switch the model to eval
+    mode and use the RNGs, both are restored.  Returns True when the stage ran to its last step.
     """
     out_dir, pad_id = Path(out_dir), tokenizer.pad_token_id
     ckpt_dir = out_dir / "checkpoints"
@@ -150,6 +154,16 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     log = _Log(out_dir, start, tensorboard, enabled=accelerator.is_main_process)  # one writer per run
+
+    def epoch_boundary(done: int) -> None:
+        if on_epoch is not None and accelerator.is_main_process:
+            rng = checkpoint.rng_state()  # the hook must not change what training draws next (exact resume)
+            on_epoch(round(done / steps_per_epoch, 4), accelerator.unwrap_model(model))
+            checkpoint.set_rng_state(rng)
+            model.train()
+        accelerator.wait_for_everyone()
+
+    epoch_boundary(start)
 
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=not accelerator.is_main_process)
@@ -191,6 +205,8 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
                                        step=done, optimizer=optimizer, scheduler=scheduler)
             checkpoint.prune_checkpoints(ckpt_dir, keep_last)
         accelerator.wait_for_everyone()
+        if epoch > step * batch // len(forget_examples) or done == total:
+            epoch_boundary(done)
         if stop_after_steps is not None and done - start >= stop_after_steps and done < total:
             bar.close()
             log.close()

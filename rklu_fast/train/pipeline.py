@@ -3,8 +3,11 @@
     <run_dir>/config.yaml, versions.json     the resolved config and package versions
     <run_dir>/tokenizer/                     the BPE trained offline (model.train_tokenizer)
     <run_dir>/<role>/model/                  final model of a role: original, oracle, augmented, unlearned
+                                             (LoRA: augmented and unlearned hold an adapter on the original)
+    <run_dir>/<role>/merged/                 LoRA with lora.merge: the adapter merged into a plain model
     <run_dir>/<role>/checkpoints/epoch-K/    epoch checkpoints (model + optimizer/scheduler/RNG/step)
     <run_dir>/<role>/log.jsonl, tensorboard/ per-step metrics
+    <run_dir>/unlearned/eval_epochs.json|png|md  TOFU metrics per epoch (eval.every_epoch; docs/evaluation.md)
     <run_dir>/summary.json                   answer probabilities before/after unlearning
 
 A role whose ``model/`` exists is done and skipped, so ``rklu run`` picks up where it stopped; a role with
@@ -24,7 +27,7 @@ from rklu_fast.config import ConfigError
 from rklu_fast.data.chunks import chunk_text
 from rklu_fast.data.templates import encode_qa, get_template
 from rklu_fast.data.tofu import load_tofu
-from rklu_fast.train import checkpoint, loop
+from rklu_fast.train import checkpoint, lora, loop
 from rklu_fast.train.methods import make_method, make_retain_term
 from rklu_fast.train.metrics import mean_answer_probability
 from rklu_fast.train.teacher import check_same_vocab
@@ -48,6 +51,7 @@ class Run:
     # ------------------------------------------------------------------ checks before any compute
     def preflight(self, stages: tuple[str, ...]) -> None:
         """Config against the run dir, data, model references, vocabularies: errors before any training."""
+        self._check_lora(stages)
         saved = self.dir / "config.yaml"
         if saved.is_file():
             old = yaml.safe_load(saved.read_text())
@@ -83,6 +87,56 @@ class Run:
             roles.append("unlearned")
         return roles
 
+    def _uses_lora(self, role: str) -> bool:
+        return self.cfg["lora"]["enabled"] and role in ("augmented", "unlearned")
+
+    def _lora_config(self):
+        c = self.cfg["lora"]
+        return lora.lora_config(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], target_modules=c["target_modules"])
+
+    def _check_lora(self, stages) -> None:
+        """LoRA: peft is installed, ``lora.target_modules`` match the model (on a weightless copy), and a resumed
+        checkpoint is an adapter with the config's settings (or full weights when LoRA is off)."""
+        wanted = None
+        if self.cfg["lora"]["enabled"]:
+            try:
+                lora.require_peft()
+            except ImportError as e:
+                raise ConfigError(f"lora.enabled: {e}") from None
+            try:
+                targets = lora.target_modules_of(self._base_config(), self._lora_config())
+            except ValueError as e:  # lora.target_modules matching nothing
+                raise ConfigError(str(e)) from None
+            wanted = {**self.cfg["lora"], "target_modules": targets}
+        for role in self._roles(stages) if self.resume else ():
+            ckpts = checkpoint.epoch_checkpoints(self.dir / role / "checkpoints")
+            if not ckpts or (self.dir / role / "model").is_dir():
+                continue
+            saved, where = lora.saved_settings(ckpts[-1]), f"the {role!r} checkpoint {ckpts[-1]}"
+            if saved is not None and not self._uses_lora(role):
+                raise ConfigError(f"lora.enabled: {where} holds a LoRA adapter (r={saved['r']}) but LoRA is off "
+                                  "for this stage; resume with lora.enabled=true and its settings, or use a new "
+                                  "run_dir")
+            if saved is None and self._uses_lora(role):
+                raise ConfigError(f"lora.enabled: {where} holds full model weights, not a LoRA adapter; resume "
+                                  "with lora.enabled=false, or use a new run_dir")
+            if saved is not None and (diffs := lora.settings_mismatch(saved, wanted)):
+                raise ConfigError("; ".join(diffs) + f" ({where}); resume with the checkpoint's lora settings, "
+                                  "or use a new run_dir")
+
+    def _base_config(self):
+        """The transformers config of the original's architecture (what adapters attach to)."""
+        from transformers import AutoConfig
+
+        key = "finetune.original" if self.cfg["finetune"]["original"] else "model.name_or_path"
+        ref = self.cfg["finetune"]["original"] or self.cfg["model"]["name_or_path"]
+        if ref is not None:
+            if _looks_local(ref) and not Path(ref).exists():
+                raise FileNotFoundError(f"{key}: no such model directory {ref!r}")
+            return AutoConfig.from_pretrained(ref)
+        spec = dict(self.cfg["model"]["random_init"])
+        return AutoConfig.for_model(spec.pop("architecture"), **spec)
+
     def _makes_oracle(self) -> bool:
         return self.cfg["finetune"]["make_oracle"] and self.cfg["data"]["retain"] is not None
 
@@ -95,7 +149,7 @@ class Run:
             if ref is not None:
                 sizes[key] = AutoConfig.from_pretrained(ref).vocab_size
         for role in ROLES:
-            if (self.dir / role / "model").is_dir():
+            if (self.dir / role / "model").is_dir() and not lora.is_adapter_dir(self.dir / role / "model"):
                 sizes[f"{role} ({self.dir / role / 'model'})"] = AutoConfig.from_pretrained(
                     self.dir / role / "model").vocab_size
         if len(set(sizes.values())) > 1:
@@ -200,7 +254,9 @@ class Run:
         resume_from = ckpts[-1] if ckpts and self.resume else None
         if resume_from is not None:
             print(f"[rklu] {role}: resuming from {resume_from}")
-        model = self.load_model(resume_from if resume_from is not None else init)
+        # init: a model reference, or (LoRA) a function of the checkpoint to resume that builds the model
+        model = init(resume_from) if callable(init) else self.load_model(resume_from if resume_from is not None
+                                                                          else init)
         torch.manual_seed(self.cfg["seed"])
         finished = loop.train(model, self.tokenizer, method, forget, stage, out, self.accelerator,
                               seed=self.cfg["seed"], resume_from=resume_from, stop_after_steps=self.stop_after_steps,
@@ -212,6 +268,9 @@ class Run:
             return False
         if self.accelerator.is_main_process:  # one writer in multi-process runs (issue 7)
             checkpoint.save_model(out / "model", self.accelerator.unwrap_model(model), self.tokenizer)
+            if self._uses_lora(role) and self.cfg["lora"]["merge"]:  # a plain model for tools without peft
+                checkpoint.save_model(out / "merged", lora.merged_model(self.accelerator.unwrap_model(model)),
+                                      self.tokenizer)
         self.accelerator.wait_for_everyone()
         self.accelerator.free_memory()  # drop accelerate's references to this stage's model and optimizer
         print(f"[rklu] {role}: saved {out / 'model'}")
@@ -236,8 +295,26 @@ class Run:
         if self.cfg["augment"]["model"] is not None:
             return True
         self._require("original", "finetune")
-        return self._train_role("augmented", self.model_path("original"), make_method("nll"),
-                                self.encode(self.forget_records), self.cfg["augment"])
+        original = self.model_path("original")
+        init = original
+        if self._uses_lora("augmented"):  # an adapter on the original, whose weights stay frozen
+            init = self._adapter_init(lora.AUGMENTED, lambda: self.load_model(original, self._frozen_dtype()))
+        return self._train_role("augmented", init, make_method("nll"), self.encode(self.forget_records),
+                                self.cfg["augment"])
+
+    def _frozen_dtype(self) -> torch.dtype | None:
+        """Frozen weights need no fp32 master copy: under bf16 autocast their matmuls run in bf16 anyway."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg["precision"])
+
+    def _adapter_init(self, name: str, load_base):
+        """``_train_role``'s ``init`` in LoRA mode: the base from ``load_base()`` with a trainable adapter ``name``,
+        fresh (seeded) or the adapter of the checkpoint being resumed."""
+        def init(resume_from):
+            model = load_base()
+            torch.manual_seed(self.cfg["seed"])
+            return lora.attach_adapter(model, name, self._lora_config(), resume_from,
+                                       base=self.model_path("original"))
+        return init
 
     def unlearn(self) -> bool:
         """The student starts from the original; the teacher is formed from the two frozen models, online or from
@@ -248,10 +325,14 @@ class Run:
         if (self.dir / "unlearned" / "model").is_dir():
             print(f"[rklu] unlearned: done ({self.dir / 'unlearned' / 'model'}), skipping")
             return True
-        # Frozen models need no fp32 master weights: under bf16 autocast their matmuls run in bf16 anyway.
-        frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg["precision"])
-        original = self.load_model(self.model_path("original"), frozen_dtype).to(self.accelerator.device)
-        augmented = self.load_model(self.model_path("augmented"), frozen_dtype).to(self.accelerator.device)
+        device = self.accelerator.device
+        if self._uses_lora("unlearned"):  # one base: original = adapters off, augmented = its adapter (lora.py)
+            shared = lora.load_frozen_adapter(self.load_model(self.model_path("original"), self._frozen_dtype()),
+                                              self.model_path("augmented")).to(device)
+            original, augmented = lora.AdapterView(shared, lora.ORIGINAL), lora.AdapterView(shared, lora.AUGMENTED)
+        else:
+            original = self.load_model(self.model_path("original"), self._frozen_dtype()).to(device)
+            augmented = self.load_model(self.model_path("augmented"), self._frozen_dtype()).to(device)
         # Teacher source (issue 7): online, or cached (one forward over the forget set; the models are then freed
         # unless the KL retain term needs the original).
         forget = self.encode(self.forget_records)
@@ -264,10 +345,31 @@ class Run:
         # The student is checked against the teacher's models before training (same vocabulary, token by token).
         check_same_vocab(original=original, augmented=augmented)
         del original, augmented  # cached mode: the teacher holds no model (or only the original, for KL)
-        return self._train_role("unlearned", self.model_path("original"),
+        init = self._adapter_init(lora.STUDENT, lambda: shared) if self._uses_lora("unlearned") \
+            else self.model_path("original")
+        on_epoch = self._epoch_evaluation() if self.cfg["eval"]["every_epoch"] else None
+        done = self._train_role("unlearned", init,
                                 make_method(u["method"], alpha=u["alpha"], backend=u["backend"]),
                                 forget, u, teacher=teacher, retain_examples=retain,
-                                retain_term=retain_term, retain_weight=u["retain_weight"])
+                                retain_term=retain_term, retain_weight=u["retain_weight"], on_epoch=on_epoch)
+        if done and on_epoch is not None:
+            print(f"[rklu] per-epoch evaluation: {on_epoch.path}, {on_epoch.finish()}")
+        return done
+
+    def _epoch_evaluation(self):
+        """The hook that evaluates the student at every epoch boundary (``eval.every_epoch``, main process only):
+        TOFU metrics (``rklu_fast.eval.epochs``), forget quality against the oracle (the retain model) if any."""
+        if not self.accelerator.is_main_process:
+            return None
+        from rklu_fast.eval.epochs import EpochEvaluation
+
+        e, oracle = self.cfg["eval"], self.model_path("oracle")
+        has_oracle = (self.cfg["finetune"]["oracle"] or self._makes_oracle()) and (
+            not _looks_local(oracle) or Path(oracle).exists())
+        reference = self.load_model(oracle).to(self.accelerator.device) if has_oracle else None
+        return EpochEvaluation(self.dir / "unlearned", self.tokenizer, self.template, reference=reference,
+                               forget_split=self.cfg["data"]["forget"], source=e["source"], ds_size=e["ds_size"],
+                               batch_size=e["batch_size"], max_new_tokens=e["max_new_tokens"])
 
     def _require(self, role: str, stage: str) -> None:
         path = self.model_path(role)
