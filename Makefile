@@ -8,6 +8,11 @@ SHELL       := /bin/bash
 
 .PHONY: install run test bench-cpu clean
 
+# Some machines export PYTHONDONTWRITEBYTECODE=1 (and pip runs --no-compile): every Python process then compiles
+# torch and transformers from source again, ≈ 13 s each (the test run's subprocesses and DDP ranks included).
+# The caches land in .venv and in git-ignored __pycache__ folders.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --no-compile -q -r requirements.txt 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
