@@ -54,8 +54,11 @@ def _shared_batch(model, prefixes: list[list[int]], batch_examples: list[dict], 
     the prefix padding masked out."""
     n_prefix = torch.tensor([len(p) for p in prefixes], device=device)
     prefix_mask = _pad([[1] * len(p) for p in prefixes], 0).to(device)
-    out = model(input_ids=_pad(prefixes, pad_token_id).to(device), attention_mask=prefix_mask, use_cache=True,
-                logits_to_keep=1)
+    try:
+        out = model(input_ids=_pad(prefixes, pad_token_id).to(device), attention_mask=prefix_mask, use_cache=True,
+                    logits_to_keep=1)
+    except TypeError:  # a model without logits_to_keep: no sharing (a real error recurs in the whole pass)
+        return None
     cache = out.past_key_values
     if not hasattr(cache, "batch_select_indices"):  # a cache that cannot be copied across rows: no sharing
         return None
@@ -102,8 +105,9 @@ def sequence_nll(model, examples: list[dict], pad_token_id: int, *, batch_size: 
     ``chunk_text`` dicts: ``input_ids``, ``labels`` with -100 where unscored).
 
     Examples are batched in order of length (less padding); right padding leaves each example's values unchanged.
-    Only the scored positions' logits go through the softmax. With ``share_prefix`` (and a model whose cache can be
-    copied across rows, as transformers' ``DynamicCache``), examples with a common unscored prefix run it once.
+    Only the scored positions' logits go through the softmax. With ``share_prefix`` (and a model that takes
+    ``logits_to_keep`` and ``position_ids`` and whose cache can be copied across rows, as transformers'
+    ``DynamicCache``; otherwise whole sequences), examples with a common unscored prefix run it once.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
