@@ -2,8 +2,8 @@
 
 Examples that start with the same unscored tokens (a question scored with its answer, paraphrased answer and k
 perturbed answers) share that prefix: it runs through the model once, and its KV cache is copied to every answer of
-the batch, which then runs from the prefix's end. TOFU's forget split scores 7 answers per question, so this skips
-about a third of the tokens of a TOFU evaluation. The values are those of whole-sequence forwards up to float
+the batch, which then runs from the prefix's end. TOFU's forget split scores 7 answers per question, so this feeds
+the model 0.70× the (padded) tokens of a TOFU evaluation (``benchmarks/bench_eval_nll.py``). The values are those of whole-sequence forwards up to float
 rounding (the same attention over the same keys, in a different order of summation).
 """
 from __future__ import annotations
