@@ -107,7 +107,10 @@ def test_large_logits_stay_finite(backend):
         rows, grad = run(backend, s, o, reverse=reverse)
         ref_rows, ref_grad = oracle(s, o, reverse=reverse)
         assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
-        assert_rows_close(rows, ref_rows)
+        # A row whose loss is ≈ 0 still sums terms of size |z| ~ 1e4 rounded in fp32 (ulp 2**-10): its absolute error
+        # reached 5.5e-6 over 300 draws (torch and C++ kernels). atol = ulp/8 = 1.2e-4 leaves 20× room and stays far
+        # below the losses of the other rows (10 to 2e4 in 3200 draws), so an error of the size of a loss still fails.
+        assert_rows_close(rows, ref_rows, atol=math.ulp(1e4) * 2**29 / 8)
         # the gradient cancels (a − b) against the row's shift, both up to |2e4|: a few fp32 roundings there
         ulp = math.ulp(2e4)  # of float64; fp32's is 2**29 times larger
         assert (grad.double() - ref_grad).abs().max().item() <= 4 * ulp * 2**29

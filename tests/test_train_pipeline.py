@@ -100,3 +100,23 @@ def test_text_chunk_setting_without_retain_set(tmp_path):
     assert set(summary["before"]) == {"forget"}
     log = [json.loads(line) for line in (tmp_path / "run" / "unlearned" / "log.jsonl").read_text().splitlines()]
     assert "retain_loss" not in log[0] and log[0]["teacher_entropy"] > 0
+
+
+def test_run_dir_config_check_ignores_keys_added_since_at_their_defaults(tmp_path):
+    """A run started by an older version lacks the keys added since: at their defaults they are no change; a real
+    change is still refused, naming the key."""
+    import yaml
+
+    from rklu_fast.config import ConfigError
+
+    ov = overrides(tmp_path / "run", "llama")
+    cfg = load_config("configs/tiny-tofu.yaml", ov)
+    older = {k: v for k, v in cfg.items() if k != "lora"}           # a whole section added since
+    older["eval"] = {k: v for k, v in cfg["eval"].items() if k != "every_epoch"}  # and one key
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(older))
+    Run(cfg).preflight(("finetune",))
+    older["unlearn"] = {**cfg["unlearn"], "alpha": cfg["unlearn"]["alpha"] + 1}
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(ConfigError, match=r"changed: unlearn\.alpha\)"):
+        Run(cfg).preflight(("finetune",))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from rklu_fast.config import ConfigError
+from rklu_fast.config import DEFAULTS, ConfigError
 from rklu_fast.data.chunks import chunk_text
 from rklu_fast.data.templates import encode_qa, get_template
 from rklu_fast.data.tofu import load_tofu
@@ -54,7 +54,8 @@ class Run:
         self._check_lora(stages)
         saved = self.dir / "config.yaml"
         if saved.is_file():
-            old = yaml.safe_load(saved.read_text())
+            # keys the toolkit gained since the run started count as their defaults, not as changes
+            old = _with_defaults(yaml.safe_load(saved.read_text()), DEFAULTS)
             changed = sorted(_diff(old, self.cfg))
             if changed:
                 raise ConfigError(f"run_dir: {self.dir} was started with a different config (changed: "
@@ -399,6 +400,13 @@ def _looks_local(ref: str) -> bool:
     """A hub id is ``name`` or ``owner/name``; absolute, ``./``-relative or deeper references are paths."""
     ref = str(ref)
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists()
+
+
+def _with_defaults(config, defaults):
+    """``config`` with the keys it lacks (recursively) taken from ``defaults``."""
+    if not (isinstance(config, dict) and isinstance(defaults, dict)):
+        return config
+    return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in config.items()}}
 
 
 def _diff(old, new, prefix="") -> set[str]:
