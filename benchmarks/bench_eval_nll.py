@@ -27,7 +27,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # rklu_fast from this checkout when not installed
 from rklu_fast.data import get_template, load_tofu  # noqa: E402
 from rklu_fast.data.tokenizer import train_bpe_tokenizer  # noqa: E402
-from rklu_fast.eval.nll import _shared_batches, sequence_nll  # noqa: E402
+from rklu_fast.eval.nll import _prefix_groups, _shared_batches, sequence_nll  # noqa: E402
 from rklu_fast.eval.tofu import TofuEvaluator  # noqa: E402
 
 SCHEMA = "rklu_fast.bench_eval_nll/1"
@@ -41,7 +41,7 @@ def padded_tokens(examples: list[dict], batch_size: int, share: bool) -> int:
         return sum(max(lengths[s:s + batch_size]) * len(lengths[s:s + batch_size])
                    for s in range(0, len(lengths), batch_size))
     total = 0
-    for prefixes, idx, owner in _shared_batches(examples, batch_size):
+    for prefixes, idx, owner in _shared_batches(examples, _prefix_groups(examples), batch_size):
         total += max(map(len, prefixes)) * len(prefixes)
         total += max(len(examples[i]["input_ids"]) - len(prefixes[g]) for i, g in zip(idx, owner)) * len(idx)
     return total

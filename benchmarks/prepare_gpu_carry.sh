@@ -4,10 +4,9 @@
 #   rouge-score (built here from its sdist; pure Python) with its need nltk;
 # - .data/: a copy of ../shared/data (TOFU, its official logs, WikiText; ~10 MB) for the tests, found there through
 #   RKLU_DATA_DIR (benchmarks/gpu_suite.sh sets it). Both folders are git-ignored (.git/info/exclude), never committed.
-# Then: device run with carry=[".whl", ".data"] and command `bash benchmarks/gpu_suite.sh`. They land in .whl/ (git-ignored through .git/info/exclude, never committed); name it in
-# the device call's carry (carry=[".whl"]) and benchmarks/gpu_suite.sh installs them with --no-deps into /tmp/site.
-# Both are pure-Python wheels; their needs (torch, triton) are on the GPU machine already. torchtune is loaded
-# by its kd_losses.py file (its package __init__ needs torchao), see benchmarks/methods.py.
+# Then: device run with carry=[".whl", ".data"] and command `bash benchmarks/gpu_suite.sh`, which installs the
+# wheels with --no-deps into /tmp/site. They are pure Python; their needs (torch, triton) are on the GPU machine
+# already. torchtune is loaded by its kd_losses.py file (its package __init__ needs torchao), see methods.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LIGER=${LIGER_VERSION:-0.8.5}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
-from rklu_fast.eval.nll import _shared_batches, sequence_nll
+from rklu_fast.eval.nll import _prefix_groups, _shared_batches, sequence_nll
 from tiny_pipeline import one_thread  # noqa: F401 (autouse)
 
 VOCAB, PAD = 97, 0
@@ -64,7 +64,7 @@ def test_shared_prefix_equals_one_forward_per_example(kind, seed):
 def test_examples_are_grouped_by_their_unscored_prefix():
     rng = np.random.default_rng(2)
     examples = qa_examples(rng)
-    batches = _shared_batches(examples, 5)
+    batches = _shared_batches(examples, _prefix_groups(examples), 5)
     seen = sorted(i for _, idx, _ in batches for i in idx)
     assert seen == list(range(len(examples)))  # every example exactly once
     for prefixes, idx, owner in batches:

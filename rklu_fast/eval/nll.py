@@ -3,8 +3,8 @@
 Examples that start with the same unscored tokens (a question scored with its answer, paraphrased answer and k
 perturbed answers) share that prefix: it runs through the model once, and its KV cache is copied to every answer of
 the batch, which then runs from the prefix's end. TOFU's forget split scores 7 answers per question, so this feeds
-the model 0.70× the (padded) tokens of a TOFU evaluation (``benchmarks/bench_eval_nll.py``). The values are those of whole-sequence forwards up to float
-rounding (the same attention over the same keys, in a different order of summation).
+the model 0.70× the (padded) tokens of a TOFU evaluation (``benchmarks/bench_eval_nll.py``). The values are those
+of whole-sequence forwards up to float rounding (the same attention over the same keys, summed in another order).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rklu_fast.data.collate import IGNORE_INDEX, collate
+from rklu_fast.data.collate import IGNORE_INDEX, collate, pad_rows
 
 
 def _prefix_length(labels) -> int:
@@ -24,11 +24,6 @@ def _prefix_length(labels) -> int:
         if label != IGNORE_INDEX:
             return max(t - 1, 0)
     return 0
-
-
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def _scored_nll(logits: torch.Tensor, labels: torch.Tensor, device) -> tuple[np.ndarray, np.ndarray]:
@@ -53,9 +48,9 @@ def _shared_batch(model, prefixes: list[list[int]], batch_examples: list[dict], 
     (right-padded), their cache is copied to each suffix's row, and the suffixes run at their true positions with
     the prefix padding masked out."""
     n_prefix = torch.tensor([len(p) for p in prefixes], device=device)
-    prefix_mask = _pad([[1] * len(p) for p in prefixes], 0).to(device)
+    prefix_mask = pad_rows([[1] * len(p) for p in prefixes], 0).to(device)
     try:
-        out = model(input_ids=_pad(prefixes, pad_token_id).to(device), attention_mask=prefix_mask, use_cache=True,
+        out = model(input_ids=pad_rows(prefixes, pad_token_id).to(device), attention_mask=prefix_mask, use_cache=True,
                     logits_to_keep=1)
     except TypeError:  # a model without logits_to_keep: no sharing (a real error recurs in the whole pass)
         return None
@@ -65,24 +60,30 @@ def _shared_batch(model, prefixes: list[list[int]], batch_examples: list[dict], 
     owner_t = torch.tensor(owner, device=device)
     cache.batch_select_indices(owner_t)
     p = [len(prefixes[g]) for g in owner]
-    suffix_ids = _pad([e["input_ids"][k:] for e, k in zip(batch_examples, p)], pad_token_id).to(device)
-    labels = _pad([e["labels"][k:] for e, k in zip(batch_examples, p)], IGNORE_INDEX).to(device)
-    suffix_mask = _pad([[1] * (len(e["input_ids"]) - k) for e, k in zip(batch_examples, p)], 0).to(device)
+    suffix_ids = pad_rows([e["input_ids"][k:] for e, k in zip(batch_examples, p)], pad_token_id).to(device)
+    labels = pad_rows([e["labels"][k:] for e, k in zip(batch_examples, p)], IGNORE_INDEX).to(device)
+    suffix_mask = pad_rows([[1] * (len(e["input_ids"]) - k) for e, k in zip(batch_examples, p)], 0).to(device)
     positions = n_prefix[owner_t, None] + torch.arange(suffix_ids.shape[1], device=device)
     logits = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[owner_t], suffix_mask], 1),
                    position_ids=positions, past_key_values=cache, use_cache=True).logits
     return _scored_nll(logits, labels, device)
 
 
-def _shared_batches(examples: list[dict], batch_size: int) -> list[tuple[list[list[int]], list[int], list[int]]]:
-    """(prefixes, example indices, owning prefix of each) per batch: examples grouped by their unscored prefix
-    (identical token ids), groups in order of length, packed into batches of at most ``batch_size`` examples."""
+def _prefix_groups(examples: list[dict]) -> dict[tuple, list[int]]:
+    """Example indices by unscored prefix (identical token ids)."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, e in enumerate(examples):
         groups[tuple(e["input_ids"][:_prefix_length(e["labels"])])].append(i)
+    return groups
+
+
+def _shared_batches(examples: list[dict], groups: dict[tuple, list[int]], batch_size: int
+                    ) -> list[tuple[list[list[int]], list[int], list[int]]]:
+    """(prefixes, example indices, owning prefix of each) per batch: the ``groups`` of :func:`_prefix_groups` in
+    order of length, packed into batches of at most ``batch_size`` examples."""
     pieces = []  # (prefix, members) with at most batch_size members each
     for prefix, members in groups.items():
-        members.sort(key=lambda i: len(examples[i]["input_ids"]))
+        members = sorted(members, key=lambda i: len(examples[i]["input_ids"]))
         pieces += [(list(prefix), members[s:s + batch_size]) for s in range(0, len(members), batch_size)]
     pieces.sort(key=lambda pm: (len(examples[pm[1][-1]]["input_ids"]) - len(pm[0]), len(pm[0])))
     batches, current = [], ([], [], [])
@@ -114,8 +115,10 @@ def sequence_nll(model, examples: list[dict], pad_token_id: int, *, batch_size: 
     device = next(model.parameters()).device
     sums = np.zeros(len(examples))
     counts = np.zeros(len(examples), dtype=np.int64)
-    if share_prefix and _shares_any(examples):
-        for prefixes, idx, owner in _shared_batches(examples, batch_size):
+    groups = _prefix_groups(examples) if share_prefix else {}
+    # sharing pays only when two examples have the same non-empty prefix (else it just adds a pass)
+    if any(prefix and len(members) > 1 for prefix, members in groups.items()):
+        for prefixes, idx, owner in _shared_batches(examples, groups, batch_size):
             batch = [examples[i] for i in idx]
             # (an example scored from its second token on has no prefix to share)
             values = _shared_batch(model, prefixes, batch, owner, pad_token_id, device) if all(prefixes) else None
@@ -128,14 +131,3 @@ def sequence_nll(model, examples: list[dict], pad_token_id: int, *, batch_size: 
         sums[idx], counts[idx] = _whole_batch(model, [examples[i] for i in idx], pad_token_id, device)
     return sums, counts
 
-
-def _shares_any(examples: list[dict]) -> bool:
-    """Whether at least two examples have the same non-empty unscored prefix (else sharing only adds a pass)."""
-    seen = set()
-    for e in examples:
-        p = _prefix_length(e["labels"])
-        key = tuple(e["input_ids"][:p])
-        if p and key in seen:
-            return True
-        seen.add(key)
-    return False

@@ -52,13 +52,11 @@ def _draw_fq_vs_mu(ax, runs: dict[str, list[dict]]) -> None:
 
 
 def _save(fig, path) -> Path:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 

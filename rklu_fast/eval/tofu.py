@@ -152,11 +152,12 @@ def task_losses(model, tokenizer, prepared: PreparedTask, *, batch_size: int = 1
 def task_log(prepared: PreparedTask, losses: dict, generations: list[str]) -> dict:
     """One section of TOFU's log, in TOFU's key order: metric name → {sample index (str): value}."""
     rouge = [rouge_scores(a, g) for a, g in zip(prepared.gold, generations)]
+    head = ("avg_gt_loss", "gt_loss", "num_token_gt")  # TOFU logs these before the generations, the rest after
     per_sample = {
-        **{k: losses[k] for k in ("avg_gt_loss", "gt_loss", "num_token_gt")},
+        **{k: losses[k] for k in head},
         "generated_text": [list(t) for t in zip(prepared.prompts, generations, prepared.gold)],
         "rouge1_recall": [r["rouge1_recall"] for r in rouge], "rougeL_recall": [r["rougeL_recall"] for r in rouge],
-        **{k: v for k, v in losses.items() if k not in ("avg_gt_loss", "gt_loss", "num_token_gt")},
+        **{k: v for k, v in losses.items() if k not in head},
     }
     return {name: {str(i): v for i, v in enumerate(values.tolist() if isinstance(values, np.ndarray) else values)}
             for name, values in per_sample.items()}
