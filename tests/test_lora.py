@@ -65,7 +65,10 @@ def test_shared_base_equals_separate_models():
     with torch.no_grad():
         ref_orig, ref_aug = sep_original(**kw).logits, sep_augmented(**kw).logits
     torch.testing.assert_close(orig, ref_orig, rtol=0, atol=0)  # adapters off = the very base weights
-    torch.testing.assert_close(aug, ref_aug, rtol=1e-5, atol=1e-5)  # merged vs unmerged: rounding only
+    # merged vs unmerged: fp32 rounding only, which scales with the logits: over 60 seeds the worst difference was
+    # 4.0e-5 of max|logit| (2.3e-5 absolute, above the 1e-5 this used to allow: a flaky CI failure); 2e-4 of it
+    # leaves 5× room, while a wrong adapter moves logits by more than 1e-3 (asserted just below)
+    torch.testing.assert_close(aug, ref_aug, rtol=1e-5, atol=2e-4 * ref_aug.abs().max().item())
     assert not torch.allclose(orig, aug, atol=1e-3)  # the adapter matters
 
     assert shared.active_adapter == "student"  # the teacher forwards left the student active
@@ -78,8 +81,12 @@ def test_shared_base_equals_separate_models():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     ours, ref = _lora_params(shared, "student"), _lora_params(sep_student, "student")
     assert ours.keys() == ref.keys() and ours
+    # the two teachers differ by the merged/unmerged rounding above, so the gradients do too: compared as
+    # ‖g − g_ref‖ / ‖g_ref‖ (element-wise, a near-cancelled entry failed 1 seed in ~550); worst over 400 seeds
+    # 6.6e-5, bound 5e-4
     for k in ours:
-        torch.testing.assert_close(ours[k].grad, ref[k].grad, rtol=1e-4, atol=1e-6, msg=k)
+        rel = ((ours[k].grad - ref[k].grad).norm() / ref[k].grad.norm()).item()
+        assert rel <= 5e-4, f"{k}: relative gradient error {rel:.3g}"
     # only the student adapter trains: base and augmented adapter get no gradient
     assert all(p.grad is None for k, p in shared.named_parameters() if "student" not in k)
     # one copy of the base weights: shared has base + 2 adapters' parameters, not 3 models'
