@@ -129,4 +129,4 @@ def test_cli_leak_copyright_plot(tmp_path, capsys):
     assert eval_main(["eval", "plot", str(points), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").is_file()
     assert eval_main(["eval", "copyright", m, "--wikitext", str(tmp_path / "none.raw")]) == 2
-    assert "no WikiText file" in capsys.readouterr().err
+    assert "--wikitext: no such file" in capsys.readouterr().err

@@ -162,6 +162,28 @@ def test_tiny_llama_runs_the_whole_evaluation_on_real_files(tiny, tmp_path):
     assert all(0 <= v <= 1 for v in result["parts"].values()) and result["forget_quality"] == 1.0
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["tofu", "/no/such/model"], "model: no such folder '/no/such/model'"),
+    (["tofu", "runs/none/model"], "model: no such folder 'runs/none/model'"),
+    (["leak", "{empty}"], "model: cannot load"),                         # a folder without a model
+    (["tofu", "{empty}", "--tokenizer", "./no-tokenizer"], "--tokenizer: no such folder"),
+    (["copyright", "{empty}", "--text", "/no/forget.txt"], "--text: no such file"),
+    (["copyright", "{empty}", "--wikitext", "/no/wiki.raw"], "--wikitext: no such file"),
+    (["plot", "/no/report.json"], "reports: no such file"),
+    (["tofu", "{empty}", "--ds-size", "0"], "argument --ds-size: must be a positive integer, got 0"),
+    (["tofu", "{empty}", "--batch-size", "two"], "argument --batch-size: must be a positive integer, got 'two'"),
+    (["leak", "{empty}", "--k", "-1"], "argument --k: must be a positive integer"),
+])
+def test_cli_bad_arguments_are_named_before_any_model_loads(argv, message, tmp_path, capsys):
+    argv = [a.replace("{empty}", str(tmp_path)) for a in argv]
+    try:
+        rc = eval_main(["eval", *argv])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
 @needs_tofu
 def test_cli_tofu_then_aggregate(tiny, tmp_path, capsys):
     model, tok = tiny

@@ -25,14 +25,43 @@ def _load_model(name: str, tokenizer: str | None, device: str, dtype: str, threa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer_arg = "--tokenizer" if tokenizer else "model"
+    _check_folder("model", name)
+    _check_folder(tokenizer_arg, tokenizer or name)  # both before the (slow) model load
     if threads is not None:
         torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"  # TOFU evaluates in bf16 on GPUs
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device)
-    return model, AutoTokenizer.from_pretrained(tokenizer or name)
+    model = _from_pretrained(AutoModelForCausalLM, "model", name, dtype=getattr(torch, dtype)).to(device)
+    return model, _from_pretrained(AutoTokenizer, tokenizer_arg, tokenizer or name)
+
+
+def _check_folder(arg: str, name: str) -> None:
+    """A name that can only be a local path (a hub id is NAME or ORG/NAME) must exist."""
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"{arg}: no such folder {name!r}")
+
+
+def _from_pretrained(cls, arg: str, name: str, **kwargs):
+    """``cls.from_pretrained``; what transformers reports as OSError (not a hub id, no weights or config in the
+    folder, no network) or ValueError (a folder without a model) becomes one line naming the argument."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{arg}: cannot load {name!r} with {cls.__name__}: {e}") from e
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: the option's value must be a whole number ≥ 1 (checked before any model loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -43,8 +72,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 … (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's; tiny models on a shared CPU are fastest with 1)")
     p.add_argument("--out", default=None, help="output folder (default: <model>/eval_results or ./eval_results)")
 
@@ -115,13 +144,17 @@ def _cmd_copyright(args) -> int:
     from rklu_fast.eval.copyright import continuation_scores, perplexity, wikitext_segments
     from rklu_fast.eval.report import write_report
 
+    if args.text and not Path(args.text).is_file():  # fail before loading the model
+        raise FileNotFoundError(f"--text: no such file {args.text!r}")
+    wikitext = args.wikitext or (default_data_dir("wikitext") or Path("wikitext")) / "wiki.test.raw"
+    if not Path(wikitext).is_file():
+        raise FileNotFoundError(f"--wikitext: no such file {str(wikitext)!r} (give WikiText-2's wiki.test.raw)")
     model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype, args.threads)
     result = {}
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8")
         result["copyright"] = continuation_scores(model, tokenizer, text, max_chunks=args.max_chunks,
                                                   batch_size=args.batch_size)
-    wikitext = args.wikitext or (default_data_dir("wikitext") or Path("wikitext")) / "wiki.test.raw"
     segments = wikitext_segments(wikitext, n_segments=args.segments)
     result["perplexity"] = {"wikitext_ppl": perplexity(model, tokenizer, segments, batch_size=args.batch_size),
                             "segments": len(segments)}
@@ -136,6 +169,8 @@ def _cmd_plot(args) -> int:
 
     runs = {}
     for path in args.reports:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"reports: no such file {path!r}")
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         if isinstance(data, list):  # per-epoch points of one run
             runs[Path(path).stem] = data
@@ -156,10 +191,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--forget-split", default="forget10", choices=["forget01", "forget05", "forget10"])
     p.add_argument("--data", default=None, help="TOFU folder or hub id (default: ../shared/data/tofu, else hub)")
-    p.add_argument("--ds-size", type=int, default=300, help="rows per split (TOFU: 300)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--ds-size", type=_positive_int, default=300, help="rows per split (TOFU: 300)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="cap generations (default: TOFU's max_length 200 for prompt + answer)")
-    p.add_argument("--gen-chunk", type=int, default=64,
+    p.add_argument("--gen-chunk", type=_positive_int, default=64,
                    help="prompts per generate call (default 64; lower it if generation runs out of memory; "
                         "generations follow TOFU's batches of --batch-size whatever it is)")
     p.add_argument("--retain-log", default=None, help="the retain model's log, to compute forget quality")
@@ -176,19 +211,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--forget-split", default="forget10")
     p.add_argument("--data", default=None)
-    p.add_argument("--max-questions", type=int, default=None)
-    p.add_argument("--k", type=int, default=5, help="beams = returned continuations (default 5)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--rows", type=int, default=10, help="example rows in the Markdown table")
+    p.add_argument("--max-questions", type=_positive_int, default=None)
+    p.add_argument("--k", type=_positive_int, default=5, help="beams = returned continuations (default 5)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    p.add_argument("--rows", type=_positive_int, default=10, help="example rows in the Markdown table")
     p.add_argument("--name", default=None)
     p.set_defaults(func=_guarded(_cmd_leak))
 
     p = sub.add_parser("copyright", help="BLEU / ROUGE-L of continuations of a forget text; WikiText perplexity")
     _model_args(p)
     p.add_argument("--text", default=None, help="the forget text (plain text file); omit for perplexity only")
-    p.add_argument("--max-chunks", type=int, default=None)
+    p.add_argument("--max-chunks", type=_positive_int, default=None)
     p.add_argument("--wikitext", default=None, help="wiki.test.raw (default: ../shared/data/wikitext/)")
-    p.add_argument("--segments", type=int, default=200)
+    p.add_argument("--segments", type=_positive_int, default=200)
     p.add_argument("--name", default=None)
     p.set_defaults(func=_guarded(_cmd_copyright))
 
