@@ -55,6 +55,15 @@ def test_missing_files(tmp_path, capsys):
     err = error_of(capsys, ["augment", "--config", TINY, *overrides(tmp_path / "run"),
                             f"finetune.original={tmp_path / 'missing' / 'model'}"])
     assert "finetune.original: no such model directory" in err
+    # a stage whose input no earlier stage of this command makes: refused before anything is written
+    err = error_of(capsys, ["unlearn", "--config", TINY, *overrides(tmp_path / "run2")])
+    assert "original: no model at" in err and "run `rklu finetune` first" in err
+    assert not (tmp_path / "run2").exists()
+    # a folder that holds no model, given where a model is expected: the config key is named, not a traceback
+    (tmp_path / "empty").mkdir()
+    err = error_of(capsys, ["augment", "--config", TINY, *overrides(tmp_path / "run3"),
+                            f"finetune.original={tmp_path / 'empty'}"])
+    assert "finetune.original: cannot load" in err
 
 
 def test_vocab_mismatch_between_original_and_augmented(tmp_path, capsys):

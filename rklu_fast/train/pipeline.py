@@ -72,6 +72,13 @@ class Run:
         for key, ref in given.items():
             if ref is not None and _looks_local(ref) and not Path(ref).exists():
                 raise FileNotFoundError(f"{key}: no such model directory {ref!r}")
+        # the models a stage reads that no earlier stage of this command makes must exist now, not after hours
+        made = set(self._roles(stages))
+        needs = {"augment": [("original", "finetune")], "unlearn": [("original", "finetune"), ("augmented", "augment")]}
+        for stage in stages:
+            for role, maker in needs.get(stage, []):
+                if role not in made:
+                    self._require(role, maker)
         sizes = self._model_vocab_sizes(given)
         self.tokenizer = self._tokenizer()
         if sizes and len(self.tokenizer) > min(sizes.values()):
@@ -148,7 +155,7 @@ class Run:
         sizes = {}
         for key, ref in given.items():
             if ref is not None:
-                sizes[key] = AutoConfig.from_pretrained(ref).vocab_size
+                sizes[key] = _loaded(AutoConfig, key, ref).vocab_size
         for role in ROLES:
             if (self.dir / role / "model").is_dir() and not lora.is_adapter_dir(self.dir / role / "model"):
                 sizes[f"{role} ({self.dir / role / 'model'})"] = AutoConfig.from_pretrained(
@@ -198,7 +205,8 @@ class Run:
         else:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(m["tokenizer"] or m["name_or_path"])
+            key = "model.tokenizer" if m["tokenizer"] else "model.name_or_path"
+            tokenizer = _loaded(AutoTokenizer, key, m["tokenizer"] or m["name_or_path"])
         if tokenizer.pad_token is None:  # Llama-2 has none; TOFU pads with EOS (padding is masked anyway)
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
@@ -394,6 +402,15 @@ class Run:
         for label, role in (("before", "original"), ("after", "unlearned")):
             print(f"{label:>6} unlearning ({role:>9})  " + "  ".join(f"{result[label][k]:8.4f}" for k in sets))
         return result
+
+
+def _loaded(cls, key: str, ref: str):
+    """``cls.from_pretrained(ref)``; transformers' OSError (not a hub id, no network, no config in the folder) or
+    ValueError (a folder of something else) becomes a ConfigError naming the config key."""
+    try:
+        return cls.from_pretrained(ref)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot load {str(ref)!r} with {cls.__name__}: {e}") from None
 
 
 def _looks_local(ref: str) -> bool:
