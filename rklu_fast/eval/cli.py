@@ -40,7 +40,9 @@ def _load_model(name: str, tokenizer: str | None, device: str, dtype: str, threa
 
 def _check_folder(arg: str, name: str) -> None:
     """A name that can only be a local path (a hub id is NAME or ORG/NAME) must exist."""
-    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():
+    from rklu_fast.train.pipeline import looks_local
+
+    if looks_local(name) and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"{arg}: no such folder {name!r}")
 
 

@@ -70,7 +70,7 @@ class Run:
         given = {"finetune.original": c["finetune"]["original"], "finetune.oracle": c["finetune"]["oracle"],
                  "augment.model": c["augment"]["model"], "model.name_or_path": c["model"]["name_or_path"]}
         for key, ref in given.items():
-            if ref is not None and _looks_local(ref) and not Path(ref).exists():
+            if ref is not None and looks_local(ref) and not Path(ref).exists():
                 raise FileNotFoundError(f"{key}: no such model directory {ref!r}")
         # the models a stage reads that no earlier stage of this command makes must exist now, not after hours
         made = set(self._roles(stages))
@@ -139,7 +139,7 @@ class Run:
         key = "finetune.original" if self.cfg["finetune"]["original"] else "model.name_or_path"
         ref = self.cfg["finetune"]["original"] or self.cfg["model"]["name_or_path"]
         if ref is not None:
-            if _looks_local(ref) and not Path(ref).exists():
+            if looks_local(ref) and not Path(ref).exists():
                 raise FileNotFoundError(f"{key}: no such model directory {ref!r}")
             return AutoConfig.from_pretrained(ref)
         spec = dict(self.cfg["model"]["random_init"])
@@ -374,7 +374,7 @@ class Run:
 
         e, oracle = self.cfg["eval"], self.model_path("oracle")
         has_oracle = (self.cfg["finetune"]["oracle"] or self._makes_oracle()) and (
-            not _looks_local(oracle) or Path(oracle).exists())
+            not looks_local(oracle) or Path(oracle).exists())
         reference = self.load_model(oracle).to(self.accelerator.device) if has_oracle else None
         return EpochEvaluation(self.dir / "unlearned", self.tokenizer, self.template, reference=reference,
                                forget_split=self.cfg["data"]["forget"], source=e["source"], ds_size=e["ds_size"],
@@ -382,7 +382,7 @@ class Run:
 
     def _require(self, role: str, stage: str) -> None:
         path = self.model_path(role)
-        if _looks_local(path) and not Path(path).exists():
+        if looks_local(path) and not Path(path).exists():
             raise FileNotFoundError(f"{role}: no model at {path}; run `rklu {stage}` first (or give its path "
                                     f"in the config)")
 
@@ -413,7 +413,7 @@ def _loaded(cls, key: str, ref: str):
         raise ConfigError(f"{key}: cannot load {str(ref)!r} with {cls.__name__}: {e}") from None
 
 
-def _looks_local(ref: str) -> bool:
+def looks_local(ref: str) -> bool:
     """A hub id is ``name`` or ``owner/name``; absolute, ``./``-relative or deeper references are paths."""
     ref = str(ref)
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists()
