@@ -25,34 +25,20 @@ def _load_model(name: str, tokenizer: str | None, device: str, dtype: str, threa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rklu_fast.model_refs import from_pretrained, missing_local
+
     tokenizer_arg = "--tokenizer" if tokenizer else "model"
-    _check_folder("model", name)
-    _check_folder(tokenizer_arg, tokenizer or name)  # both before the (slow) model load
+    for arg, ref in (("model", name), (tokenizer_arg, tokenizer or name)):  # both before the (slow) model load
+        if missing_local(ref):
+            raise FileNotFoundError(f"{arg}: no such folder {ref!r}")
     if threads is not None:
         torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"  # TOFU evaluates in bf16 on GPUs
-    model = _from_pretrained(AutoModelForCausalLM, "model", name, dtype=getattr(torch, dtype)).to(device)
-    return model, _from_pretrained(AutoTokenizer, tokenizer_arg, tokenizer or name)
-
-
-def _check_folder(arg: str, name: str) -> None:
-    """A name that can only be a local path (a hub id is NAME or ORG/NAME) must exist."""
-    from rklu_fast.train.pipeline import looks_local
-
-    if looks_local(name) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"{arg}: no such folder {name!r}")
-
-
-def _from_pretrained(cls, arg: str, name: str, **kwargs):
-    """``cls.from_pretrained``; what transformers reports as OSError (not a hub id, no weights or config in the
-    folder, no network) or ValueError (a folder without a model) becomes one line naming the argument."""
-    try:
-        return cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{arg}: cannot load {name!r} with {cls.__name__}: {e}") from e
+    model = from_pretrained(AutoModelForCausalLM, "model", name, dtype=getattr(torch, dtype)).to(device)
+    return model, from_pretrained(AutoTokenizer, tokenizer_arg, tokenizer or name)
 
 
 def _positive_int(text: str) -> int:

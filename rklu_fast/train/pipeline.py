@@ -27,6 +27,7 @@ from rklu_fast.config import DEFAULTS, ConfigError
 from rklu_fast.data.chunks import chunk_text
 from rklu_fast.data.templates import encode_qa, get_template
 from rklu_fast.data.tofu import load_tofu
+from rklu_fast.model_refs import from_pretrained, missing_local
 from rklu_fast.train import checkpoint, lora, loop
 from rklu_fast.train.methods import make_method, make_retain_term
 from rklu_fast.train.metrics import mean_answer_probability
@@ -70,7 +71,7 @@ class Run:
         given = {"finetune.original": c["finetune"]["original"], "finetune.oracle": c["finetune"]["oracle"],
                  "augment.model": c["augment"]["model"], "model.name_or_path": c["model"]["name_or_path"]}
         for key, ref in given.items():
-            if ref is not None and looks_local(ref) and not Path(ref).exists():
+            if ref is not None and missing_local(ref):
                 raise FileNotFoundError(f"{key}: no such model directory {ref!r}")
         # the models a stage reads that no earlier stage of this command makes must exist now, not after hours
         made = set(self._roles(stages))
@@ -139,7 +140,7 @@ class Run:
         key = "finetune.original" if self.cfg["finetune"]["original"] else "model.name_or_path"
         ref = self.cfg["finetune"]["original"] or self.cfg["model"]["name_or_path"]
         if ref is not None:
-            if looks_local(ref) and not Path(ref).exists():
+            if missing_local(ref):
                 raise FileNotFoundError(f"{key}: no such model directory {ref!r}")
             return AutoConfig.from_pretrained(ref)
         spec = dict(self.cfg["model"]["random_init"])
@@ -155,7 +156,7 @@ class Run:
         sizes = {}
         for key, ref in given.items():
             if ref is not None:
-                sizes[key] = _loaded(AutoConfig, key, ref).vocab_size
+                sizes[key] = from_pretrained(AutoConfig, key, ref).vocab_size
         for role in ROLES:
             if (self.dir / role / "model").is_dir() and not lora.is_adapter_dir(self.dir / role / "model"):
                 sizes[f"{role} ({self.dir / role / 'model'})"] = AutoConfig.from_pretrained(
@@ -206,7 +207,7 @@ class Run:
             from transformers import AutoTokenizer
 
             key = "model.tokenizer" if m["tokenizer"] else "model.name_or_path"
-            tokenizer = _loaded(AutoTokenizer, key, m["tokenizer"] or m["name_or_path"])
+            tokenizer = from_pretrained(AutoTokenizer, key, m["tokenizer"] or m["name_or_path"])
         if tokenizer.pad_token is None:  # Llama-2 has none; TOFU pads with EOS (padding is masked anyway)
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
@@ -373,8 +374,7 @@ class Run:
         from rklu_fast.eval.epochs import EpochEvaluation
 
         e, oracle = self.cfg["eval"], self.model_path("oracle")
-        has_oracle = (self.cfg["finetune"]["oracle"] or self._makes_oracle()) and (
-            not looks_local(oracle) or Path(oracle).exists())
+        has_oracle = (self.cfg["finetune"]["oracle"] or self._makes_oracle()) and not missing_local(oracle)
         reference = self.load_model(oracle).to(self.accelerator.device) if has_oracle else None
         return EpochEvaluation(self.dir / "unlearned", self.tokenizer, self.template, reference=reference,
                                forget_split=self.cfg["data"]["forget"], source=e["source"], ds_size=e["ds_size"],
@@ -382,7 +382,7 @@ class Run:
 
     def _require(self, role: str, stage: str) -> None:
         path = self.model_path(role)
-        if looks_local(path) and not Path(path).exists():
+        if missing_local(path):
             raise FileNotFoundError(f"{role}: no model at {path}; run `rklu {stage}` first (or give its path "
                                     f"in the config)")
 
@@ -402,21 +402,6 @@ class Run:
         for label, role in (("before", "original"), ("after", "unlearned")):
             print(f"{label:>6} unlearning ({role:>9})  " + "  ".join(f"{result[label][k]:8.4f}" for k in sets))
         return result
-
-
-def _loaded(cls, key: str, ref: str):
-    """``cls.from_pretrained(ref)``; transformers' OSError (not a hub id, no network, no config in the folder) or
-    ValueError (a folder of something else) becomes a ConfigError naming the config key."""
-    try:
-        return cls.from_pretrained(ref)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot load {str(ref)!r} with {cls.__name__}: {e}") from None
-
-
-def looks_local(ref: str) -> bool:
-    """A hub id is ``name`` or ``owner/name``; absolute, ``./``-relative or deeper references are paths."""
-    ref = str(ref)
-    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists()
 
 
 def _with_defaults(config, defaults):
