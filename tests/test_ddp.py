@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rklu_fast.train.sampling import loss_scale, num_answer_tokens, rank_slice
+from rklu_fast.data.collate import count_targets
+from rklu_fast.train.sampling import loss_scale, rank_slice
 
 N_EXAMPLES, BATCH, MICRO, VOCAB = 16, 8, 2, 64
 
@@ -48,9 +49,9 @@ class _Counting:
     def __getattr__(self, name):
         return getattr(self.method, name)
 
-    def loss(self, logits, batch, teacher, num_items):
-        self.seen += len(batch["input_ids"])
-        return self.method.loss(logits, batch, teacher, num_items)
+    def loss(self, student, batch, frozen, counts, want_stats=False):
+        self.seen += len(batch["forget"]["input_ids"])
+        return self.method.loss(student, batch, frozen, counts, want_stats)
 
 
 def _run(out_dir: str) -> None:
@@ -58,6 +59,7 @@ def _run(out_dir: str) -> None:
     from accelerate import Accelerator
 
     from rklu_fast.train import loop
+    from rklu_fast.train.frozen import Frozen
     from rklu_fast.train.methods import make_method, make_retain_term
     from rklu_fast.train.teacher import OnlineTeacher
 
@@ -68,7 +70,7 @@ def _run(out_dir: str) -> None:
     examples = _examples()
     method = _Counting(make_method("rklu", alpha=8.0, backend="torch"))
     loop.train(student, _Tokenizer(), method, examples, stage, out_dir,
-               accelerator, teacher=OnlineTeacher(original, augmented), retain_examples=examples[::-1],
+               accelerator, frozen=Frozen(teacher=OnlineTeacher(original, augmented)), retain_examples=examples[::-1],
                retain_term=make_retain_term("RT"), seed=3, tensorboard=False)
     with open(os.path.join(out_dir, f"seen-rank{accelerator.process_index}.json"), "w") as f:
         json.dump(method.seen, f)
@@ -128,5 +130,5 @@ def test_rank_slices_partition_the_step():
         rank_slice(items, 3, 3)
     ex = _examples()
     # the normaliser counts labels[1:] that are not ignored (the loss op never shifts: logits[:, :-1] vs labels[1:])
-    assert num_answer_tokens(ex[:2]) == sum(sum(t != -100 for t in e["labels"][1:]) for e in ex[:2])
+    assert count_targets(ex[:2]) == sum(sum(t != -100 for t in e["labels"][1:]) for e in ex[:2])
     assert loss_scale(4) == 4.0
