@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 BACKEND_NAMES = ("torch", "triton", "cpu", "cuda")
 BUILD_HINT = "run `pip install --no-build-isolation --no-deps -e .` in the repository root"
+# The fused kernels (triton, cpu, cuda) read these dtypes and compute in fp32; float64 needs the `torch` backend,
+# which computes in float64 when any input is float64.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _cpp_module():
@@ -76,10 +79,23 @@ def _usable_on(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend name for `backend` (possibly "auto") and tensors on `device`; ValueError if unusable."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve(backend: str, device: torch.device, dtypes: Optional[Mapping[str, torch.dtype]] = None) -> str:
+    """The concrete backend name for `backend` (possibly "auto"), tensors on `device` and the dtypes of the named
+    arguments (`{"student_logits": torch.float64, ...}`); ValueError if unusable. "auto" takes the `torch` backend
+    when a dtype is not one the fused kernels read (float64: computed in float64 there)."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    unfused = next(((name, dt) for name, dt in (dtypes or {}).items() if dt not in FUSED_DTYPES), None)
+    if unfused is not None:
+        if backend in ("auto", "torch"):
+            return "torch"
+        name, dt = unfused
+        raise ValueError(f"{name} is {_dtype_name(dt)}; backend {backend!r} takes "
+                         f"{'/'.join(map(_dtype_name, FUSED_DTYPES))}: use backend='torch' or 'auto'")
     if backend == "auto":
         # GPU: Triton first: on an H100 it wrote the gradient 13-15 % faster than the CUDA kernel (N = 16384,
         # V = 32000 / 51200, bf16; benchmarks/results/bench_loss_nvidia-h100-80gb-hbm3_2026-11-23.md)

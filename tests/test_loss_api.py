@@ -37,8 +37,6 @@ def test_reductions_and_num_items_in_batch(backend):
         loss.backward()
         torch.testing.assert_close(loss.double(), ref_rows.sum() / 20, rtol=1e-5, atol=1e-7)
         assert_grad_close(s.grad, ref_grad / 20, torch.float32)
-    zero = rklu_fast.reverse_kl_loss(s, o, a, **kw, num_items_in_batch=0)  # divisor clamped to 1
-    torch.testing.assert_close(zero, total)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -219,13 +217,13 @@ def test_autocast_bf16():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_irregular_layouts_fall_back_to_copies(backend):
     """Rows not on a regular grid, a non-unit vocab stride, and teachers of different layouts: same results."""
-    big = torch.randn(3, 4, 6, 37, requires_grad=True)
-    student = big[:, 1:3, :5]  # three levels of strides: copied inside the op
-    original = torch.randn(37, 3, 2, 5).permute(1, 2, 3, 0)  # vocab stride != 1: copied before the op
-    augmented = torch.randn(3, 2, 6, 37)[:, :, :-1]  # a shifted view, unlike `original`
+    big = torch.randn(5, 4, 37, requires_grad=True)
+    student = big.transpose(0, 1)[:, 1:4]  # [4, 3, 37], strides (37, 148, 1): 37 is no multiple of 148, copied
+    original = torch.randn(37, 4, 3).permute(1, 2, 0)  # vocab stride != 1: copied before the op
+    augmented = torch.randn(4, 4, 37)[:, :-1]  # a shifted view, unlike `original`
     loss = rklu_fast.reverse_kl_loss(student, original, augmented, backend=backend)
     (g,) = torch.autograd.grad(loss, big)
     ref_rows, ref_grad = oracle(student.detach(), original, augmented)
     torch.testing.assert_close(loss.double(), ref_rows.mean(), rtol=1e-5, atol=1e-6)
-    assert_grad_close(g[:, 1:3, :5], ref_grad / ref_rows.numel(), torch.float32)
-    assert torch.equal(g[:, 0], torch.zeros_like(g[:, 0]))
+    assert_grad_close(g.transpose(0, 1)[:, 1:4], ref_grad / ref_rows.numel(), torch.float32)
+    assert torch.equal(g[0], torch.zeros_like(g[0]))
