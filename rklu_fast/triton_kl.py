@@ -89,14 +89,16 @@ def _kl_fwd_kernel(S, O, A, TR, LOSS, G, SCALE, s_stride, o_stride, a_stride, V,
             f_t = tl.exp(m_t - mt)
             sum_s = sum_s * f_s + tl.sum(e_a, 0)
             sum_t = sum_t * f_t + tl.sum(e_b, 0)
-            if REVERSE:  # own −inf: 0; finite against −inf: +inf
+            # own −inf: 0; finite against −inf: +inf. A +inf numerator stays +inf when rebased to a much larger
+            # max (its factor underflows to 0 past a jump of ~88, and inf·0 would be NaN).
+            if REVERSE:
                 diff = tl.where(a_ok, a, 0.0) - tl.where(a_ok, b, 0.0)
                 term = tl.where(a_ok & (b == NEG_INF), float("inf"), e_a * diff)
-                w = w * f_s + tl.sum(term, 0)
+                w = tl.where(w == float("inf"), w, w * f_s) + tl.sum(term, 0)
             else:
                 diff = tl.where(b_ok, b, 0.0) - tl.where(b_ok, a, 0.0)
                 term = tl.where(b_ok & (a == NEG_INF), float("inf"), e_b * diff)
-                w = w * f_t + tl.sum(term, 0)
+                w = tl.where(w == float("inf"), w, w * f_t) + tl.sum(term, 0)
             m_s = new_m_s
             m_t = new_m_t
         if REVERSE:
@@ -149,6 +151,8 @@ def _bf16_by_hand(dtype: torch.dtype) -> bool:
 
 # GPU launch overrides for benchmarks/tune_kernels.py (None: the measured rule in _launch_shape).
 GPU_LAUNCH = {"block": None, "warps": None, "l2_hints": True}
+# The interpreter's widest chunk (its cost is per chunk); tests lower it to run rows of several chunks.
+INTERPRET_BLOCK = 8192
 
 
 def _launch_shape(v: int):
@@ -157,7 +161,7 @@ def _launch_shape(v: int):
     On an H100 (benchmarks/results/tune_kernels_*.json, N = 16384 bf16, gradient-writing): V = 32000 is fastest
     with 4096-wide chunks and 16 warps, V = 51200 with 2048 and 8; L2 hints help by 5-15 %."""
     if _INTERPRET:  # the interpreter's cost is per chunk: few, wide chunks
-        return min(triton.next_power_of_2(v), 8192), 1, False
+        return min(triton.next_power_of_2(v), INTERPRET_BLOCK), 1, False
     cap, warps = (4096, 16) if v <= 32768 else (2048, 8)
     block = min(triton.next_power_of_2(v), GPU_LAUNCH["block"] or cap)
     warps = GPU_LAUNCH["warps"] or warps
