@@ -47,7 +47,7 @@ def _to_out(x, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _kl_fwd_kernel(S, O, A, TR, LOSS, G, SCALE, s_stride, o_stride, a_stride, V, alpha, inv_t,
+def _kl_fwd_kernel(S, O, A, TR, M, LOSS, G, SCALE, s_stride, o_stride, a_stride, V, alpha, inv_t,
                    HAS_AUG: tl.constexpr, REVERSE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
                    BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr, L2_HINTS: tl.constexpr):
     # L2_HINTS: pass 1 asks L2 to keep the row (evict_last) for pass 2, whose reads are the row's last use
@@ -56,12 +56,18 @@ def _kl_fwd_kernel(S, O, A, TR, LOSS, G, SCALE, s_stride, o_stride, a_stride, V,
     row = tl.program_id(0).to(tl.int64)
     t_row = tl.load(TR + row)
     offs = tl.arange(0, BLOCK)
-    if t_row < 0:  # ignored row: read nothing, write zeros
-        tl.store(LOSS + row, 0.0)
+    # M teacher rows: a row index past them (a compact teacher of the wrong length, which only a device-side check
+    # can see without a host sync) is never read; the row's loss and gradient are NaN. TRITON_DEBUG=1 also asserts.
+    tl.device_assert(t_row < M, "rklu_fast: teacher_row past the teacher's rows")
+    past_end = t_row >= M
+    if (t_row < 0) | past_end:  # ignored row: read nothing, write zeros (NaN past the end)
+        fill = tl.where(past_end, float("nan"), 0.0)
+        tl.store(LOSS + row, fill)
         if COMPUTE_GRAD:
+            fill_block = (tl.zeros([BLOCK], dtype=tl.float32) + fill).to(G.dtype.element_ty)
             for start in range(0, V, BLOCK):
                 cols = start + offs
-                tl.store(G + row * V + cols, tl.zeros([BLOCK], dtype=G.dtype.element_ty), mask=cols < V)
+                tl.store(G + row * V + cols, fill_block, mask=cols < V)
     else:
         s_off = row * s_stride
         o_off = t_row * o_stride
@@ -183,7 +189,7 @@ def kl_fwd(student, original, augmented, teacher_row, grad_scale, alpha: float, 
     block, warps, hints = _launch_shape(v)
     if n:
         with _device_of(student):
-            _kl_fwd_kernel[(n,)](student, original, aug, teacher_row, loss, grad, grad_scale,
+            _kl_fwd_kernel[(n,)](student, original, aug, teacher_row, original.shape[0], loss, grad, grad_scale,
                                  student.stride(0), original.stride(0), aug.stride(0), v, float(alpha),
                                  float(inv_temperature), HAS_AUG=augmented is not None, REVERSE=bool(reverse),
                                  COMPUTE_GRAD=bool(compute_grad), BLOCK=block,
