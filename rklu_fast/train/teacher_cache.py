@@ -272,8 +272,9 @@ def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Modul
     ``online``: ``OnlineTeacher`` (both models on ``device``).  ``cached``: build (or, with ``cache_dir``, load
     and check) the cache; the source then holds neither model (the caller may free them); on a GPU the cache
     moves to device memory when it takes at most a quarter of what is free.  ``auto``: cached when the cache
-    fits in half the free host memory or ``cache_dir`` is given, else online.  The cache is built under ``autocast`` (the training loop's ``accelerator.autocast``), so it holds the logits, in the
-    dtype, that the online path would compute.
+    fits in half the free host memory or ``cache_dir`` is given, else online.  The cache is built under
+    ``autocast`` (the training loop's ``accelerator.autocast``), so it holds the logits, in the dtype, that the
+    online path would compute.
     """
     from rklu_fast.train.teacher import OnlineTeacher
 
