@@ -69,14 +69,16 @@ class _Tokenizer:  # what the trainer and the loop read: the pad id (and a no-op
 
 def _args(out_dir, micro=MICRO, accum=ACCUM, **kw):
     from transformers import TrainingArguments
+    kw = {"save_strategy": "no", **kw}
     return TrainingArguments(str(out_dir), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
                              num_train_epochs=EPOCHS, learning_rate=LR, weight_decay=WD, max_grad_norm=MAX_NORM,
-                             optim="adamw_torch", use_cpu=True, logging_steps=1, save_strategy="no", report_to=[],
-                             seed=SEED, disable_tqdm=True, **kw)
+                             optim="adamw_torch", use_cpu=True, logging_steps=1, report_to=[], seed=SEED,
+                             disable_tqdm=True, **kw)
 
 
 def _trainer_run(out_dir, teacher="online", micro=MICRO, accum=ACCUM, **kw):
-    """Weights and per-step (loss, forget_loss, retain_loss, grad_norm) of RKLU + RT through ``UnlearningTrainer.train()``."""
+    """Weights and per-step (loss, forget_loss, retain_loss, grad_norm) of RKLU + RT through
+    ``UnlearningTrainer.train()``."""
     student, original, augmented = _models()
     frozen = {"original": original, "augmented": augmented, "teacher_mode": "online"}
     if teacher == "cached":
@@ -107,8 +109,9 @@ def _loop_run(out_dir, precision="no"):
              "warmup_epochs": 1.0, "max_grad_norm": MAX_NORM}
     data = _data()
     AcceleratorState._reset_state(reset_partial_state=True)  # as TrainingArguments does: a new precision
+    frozen = Frozen(teacher=OnlineTeacher(original, augmented))
     loop.train(student, _Tokenizer(), make_method("rklu", alpha=8.0, backend="torch"), data.forget, stage, out_dir,
-               Accelerator(cpu=True, mixed_precision=precision), frozen=Frozen(teacher=OnlineTeacher(original, augmented)),
+               Accelerator(cpu=True, mixed_precision=precision), frozen=frozen,
                retain_examples=data.retain, retain_term=make_retain_term("RT"), seed=SEED, tensorboard=False)
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         logs = [(r["step"], r["loss"], r["forget_loss"], r["retain_loss"], r["grad_norm"]) for r in map(json.loads, f)]
@@ -226,6 +229,32 @@ def test_other_methods_through_the_trainer_equal_the_loop(name, tmp_path):
     *want, w0 = run(trainer=False)
     *got, _ = run(trainer=True)
     _assert_same_run(got, want, start=w0)
+
+
+def test_resuming_a_trainer_checkpoint_mid_epoch_continues_exactly(one_process, tmp_path):
+    """A Trainer checkpoint after step 1 (inside Trainer epoch 0 of 2 steps) resumed by a fresh trainer: it trains
+    only steps 1 and 2 (the Trainer skips the consumed micro-batches of the step loader) and ends on the
+    uninterrupted run's weights."""
+    student, original, augmented = _models()
+    trainer = UnlearningTrainer(model=student, args=_args(tmp_path / "first", save_strategy="steps", save_steps=1),
+                                train_dataset=_data(), processing_class=_Tokenizer(), original=original,
+                                augmented=augmented, teacher_mode="online", method_args={"backend": "torch"})
+    trainer.train()
+    student, original, augmented = _models()
+    resumed = UnlearningTrainer(model=student, args=_args(tmp_path / "resumed"), train_dataset=_data(),
+                                processing_class=_Tokenizer(), original=original, augmented=augmented,
+                                teacher_mode="online", method_args={"backend": "torch"})
+    steps, compute_loss = [], resumed.compute_loss
+
+    def recording(model, inputs, **kw):
+        steps.append(inputs["unlearning"].step)
+        return compute_loss(model, inputs, **kw)
+
+    resumed.compute_loss = recording
+    resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-1"))
+    assert steps == [1, 1, 2, 2]
+    for k, w in one_process[0].items():
+        torch.testing.assert_close(student.state_dict()[k], w, rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_parameter_groups_and_schedule_are_the_toolkits(tmp_path):
@@ -360,5 +389,6 @@ def test_a_trainer_counting_other_targets_stops_with_an_error(tmp_path):
                              train_dataset=_data(first_label_masked=False), processing_class=_Tokenizer(),
                              original=original, augmented=augmented, teacher_mode="online",
                              method_args={"backend": "torch"})
-    with pytest.raises(ValueError, match=r"^num_items_in_batch: the Trainer counted \d+ targets in this optimizer step, the toolkit \d+"):
+    with pytest.raises(ValueError, match=r"^num_items_in_batch: the Trainer counted \d+ targets in this optimizer "
+                                         r"step, the toolkit \d+"):
         trainer.train()

@@ -76,12 +76,14 @@ class UnlearningMixin:
             raise ValueError("args: one process drives several GPUs (torch.nn.DataParallel); launch one process "
                              "per GPU instead (accelerate launch or torchrun)")
         self.seed = targs.data_seed if targs.data_seed is not None else targs.seed
-        self.method = method if isinstance(method, Method) else self._make_method(method, method_args or {}, data, self.seed)
+        self.method = method if isinstance(method, Method) else \
+            self._make_method(method, method_args or {}, data, self.seed)
         if not self.method.trains:
             raise ValueError(f"method: {self.method.name!r} does not train (it builds a model from the original and "
                              "the augmented one: rklu run unlearn.method=...); choose a training method")
         self.retain_term = make_retain_term(retain_term or "none", self.method.ctx.backend, retain_kl_positions)
-        self.forget_weight, self.retain_weight = self.method.ctx.forget_weight, retain_weight
+        self.forget_weight = self.method.ctx.forget_weight if self.method.ctx.forget_weight is not None else 1.0
+        self.retain_weight = retain_weight
         if self.retain_term is not None and data.retain is None:
             raise ValueError(f"train_dataset: the {self.retain_term.name} retain term needs retain examples; build "
                              "the ForgetRetainDataset with retain=... or pass retain_term=None")
@@ -104,12 +106,12 @@ class UnlearningMixin:
         self.pad_token_id = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
         if self.pad_token_id is None:
             raise ValueError("processing_class: pass the tokenizer (its pad or EOS token id pads the batches)")
-        steps_touched = math.ceil(targs.max_steps * self.batch_size / len(data))
+        epochs_touched = math.ceil(targs.max_steps * self.batch_size / len(data))
         self.frozen = build_frozen(self.method, self.retain_term, self.model, forget=data.forget, original=original,
                                    augmented=augmented, teacher_cache=teacher_cache, teacher_mode=teacher_mode,
                                    template=data.template, pad_token_id=self.pad_token_id, device=targs.device,
                                    micro_batch_size=targs.per_device_train_batch_size,
-                                   reference_epochs=steps_touched, autocast=self.accelerator.autocast)
+                                   reference_epochs=epochs_touched, autocast=self.accelerator.autocast)
 
         # The loss is already normalised over the whole optimizer step (all micro-batches and processes).
         self.loss_is_scaled_for_ga = True
