@@ -32,6 +32,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose precision cannot change; the Trainer resets it when it is
+    built (as ``_loop_run`` does), and so does every test here on leaving (bf16 must not leak into later tests)."""
+    from accelerate.state import AcceleratorState
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _examples(n, seed, first_label_masked=True):
     """Encoded QA-like examples: a 2-6 token question (labels -100) and a 2-6 token answer, random ids."""
     g = torch.Generator().manual_seed(seed)
@@ -180,6 +189,7 @@ def test_other_methods_through_the_trainer_equal_the_loop(name, tmp_path):
     IdkDPO + RT, FKLU + KL, SimNPO + RT through the trainer equal 3 steps of ``loop.train`` with the same method
     plug-in (weights and per-step losses within 1e-5 relative)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from rklu_fast.data.refusals import load_refusals
@@ -218,6 +228,7 @@ def test_other_methods_through_the_trainer_equal_the_loop(name, tmp_path):
         stage = {"epochs": EPOCHS, "lr": LR, "weight_decay": WD, "batch_size": MICRO * ACCUM,
                  "micro_batch_size": MICRO, "warmup_epochs": 1.0, "max_grad_norm": MAX_NORM}
         out = tmp_path / "loop"
+        AcceleratorState._reset_state(reset_partial_state=True)
         loop.train(student, tok, method, data.forget, stage, out, Accelerator(cpu=True, mixed_precision="no"),
                    frozen=frozen, retain_examples=data.retain, retain_term=retain_term,
                    forget_weight=method.ctx.forget_weight, seed=SEED, tensorboard=False)
