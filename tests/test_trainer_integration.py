@@ -383,6 +383,13 @@ def test_other_bad_input_fails_at_construction(tmp_path):
         _construct(tmp_path, train_dataset=ForgetRetainDataset(_examples(N_FORGET, 1)), **teacher)
     with pytest.raises(TypeError, match=r"^train_dataset: expected a rklu_fast ForgetRetainDataset"):
         _construct(tmp_path, train_dataset=_examples(N_FORGET, 1), **teacher)
+    with pytest.raises(ValueError, match=r"^teacher_mode: must be one of"):
+        _construct(tmp_path, **{**teacher, "teacher_mode": "fast"})
+    from rklu_fast.train.methods import make_method
+    with pytest.raises(ValueError, match=r"^method_args: a Method instance carries its own context"):
+        UnlearningTrainer(model=_models()[0], args=_args(tmp_path), train_dataset=_data(),
+                          processing_class=_Tokenizer(), method=make_method("rklu"), method_args={"alpha": 4.0},
+                          **teacher)
     with pytest.raises(ValueError, match=r"^warmup_epochs: the toolkit's schedule"):
         UnlearningTrainer(model=_models()[0], args=_args(tmp_path, warmup_steps=5), train_dataset=_data(),
                           processing_class=_Tokenizer(), **teacher)

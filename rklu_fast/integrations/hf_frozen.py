@@ -9,8 +9,8 @@ from pathlib import Path
 
 from rklu_fast.train.frozen import Frozen, ReferenceLogProbs
 from rklu_fast.train.teacher import check_same_vocab
-from rklu_fast.train.teacher_cache import (CachedTeacher, StaleTeacherCache, TeacherCache, data_fingerprint,
-                                           make_teacher, place_cache)
+from rklu_fast.train.teacher_cache import (TEACHER_MODES, CachedTeacher, StaleTeacherCache, TeacherCache,
+                                           data_fingerprint, make_teacher, place_cache)
 
 
 def cached_teacher(teacher_cache, forget: list[dict], student, device) -> CachedTeacher:
@@ -51,6 +51,8 @@ def build_frozen(method, retain_term, student, *, forget: list[dict], original=N
     reference (NPO, IdkDPO): the original's log-likelihood of every sequence the first ``reference_epochs``
     epochs train on.  The ``KL`` retain term: the original itself.
     """
+    if teacher_mode not in TEACHER_MODES:
+        raise ValueError(f"teacher_mode: must be one of {TEACHER_MODES}, got {teacher_mode!r}")
     teacher = reference = None
     if "teacher" in method.needs:
         if teacher_cache is not None:

@@ -76,6 +76,9 @@ class UnlearningMixin:
             raise ValueError("args: one process drives several GPUs (torch.nn.DataParallel); launch one process "
                              "per GPU instead (accelerate launch or torchrun)")
         self.seed = targs.data_seed if targs.data_seed is not None else targs.seed
+        if isinstance(method, Method) and method_args:
+            raise ValueError("method_args: a Method instance carries its own context; pass the method's name "
+                             "with method_args, or build the Method with them")
         self.method = method if isinstance(method, Method) else \
             self._make_method(method, method_args or {}, data, self.seed)
         if not self.method.trains:
