@@ -18,7 +18,7 @@ parameter groups and schedule behind ``Trainer.train()``.
   on the first step (a Trainer that counts otherwise stops with an error) and passed through as that view's
   normaliser.  The retain and sequence normalisers come from ``StepCounts`` (the Trainer counts one label set).
   The loss is normalised over the whole step, so the Trainer must not divide it by the accumulation steps:
-  ``loss_is_scaled_for_ga = True`` (transformers ≥ 5.2x) and ``model_accepts_loss_kwargs = True`` (5.17 reads it).
+  ``loss_is_scaled_for_ga = True`` (what transformers 5.24 reads) and ``model_accepts_loss_kwargs = True`` (5.17).
 - ``get_decay_parameter_names`` / ``create_scheduler``: the toolkit's parameter groups (``lowmem.parameter_groups``:
   no weight decay on biases and norms) and schedule (linear warm-up over the first ``warmup_epochs`` epoch(s),
   then linear decay to 0, ``loop.plan_steps``); ``max_steps`` left at -1 becomes the toolkit's plan
