@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the unlearning methods (unlearn.method=...) and their papers",
                              description="The unlearning methods of unlearn.method, one line each, with their paper.")
     methods.set_defaults(func=_list_methods)
+    from rklu_fast.experiments.cli import register as register_experiments
+
+    register_experiments(sub)
     try:
         from rklu_fast.eval.cli import register
     except ImportError:

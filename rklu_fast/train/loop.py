@@ -152,9 +152,10 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
     max_grad_norm).  ``resume_from``: a checkpoint whose weights ``model`` already holds; the optimizer,
     scheduler, RNG and step are restored from it.  ``stop_after_steps``: return after that many steps of this
     stage (a simulated kill, for tests).  ``on_epoch(epoch, model)``: called on the main process at every epoch
-    boundary: before the first step (epoch 0, or the epoch resumed from), after each completed epoch, and after a
-    fractional last epoch (e.g. per-epoch evaluation, connected by the pipeline); it may switch the model to eval
-    mode and use the RNGs, both are restored.  Returns True when the stage ran to its last step; raises
+    boundary: before the first step (epoch 0, or the epoch resumed from), after each completed epoch (``epoch`` the
+    number of completed epochs, at the step that completes it), and after a fractional last epoch (e.g.
+    per-epoch evaluation, connected by the pipeline); it may switch the model to eval mode and use the RNGs, both
+    are restored.  Returns True when the stage ran to its last step; raises
     ``NonFiniteError`` (before the optimizer step, so the last checkpoint stays good) on a NaN/inf loss or
     gradient norm.
     """
@@ -196,10 +197,16 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
     def epoch_boundary(done: int) -> None:
         if on_epoch is not None and accelerator.is_main_process:
             rng = checkpoint.rng_state()  # the hook must not change what training draws next (exact resume)
-            on_epoch(round(done / steps_per_epoch, 4), accelerator.unwrap_model(model))
+            on_epoch(epoch_label(done), accelerator.unwrap_model(model))
             checkpoint.set_rng_state(rng)
             model.train()
         accelerator.wait_for_everyone()
+
+    def epoch_label(done: int) -> float:
+        """Completed epochs at an epoch boundary (an int, also when steps straddle epochs), else the fraction."""
+        whole = done * batch // len(forget_examples)
+        crossed = done == 0 or whole > (done - 1) * batch // len(forget_examples)
+        return whole if crossed else round(done / steps_per_epoch, 4)
 
     epoch_boundary(start)
 

@@ -362,11 +362,13 @@ class Run:
                             if self.cfg["data"]["kind"] == "tofu" else None)
         return make_method(u["method"], ctx, forget_split=self.cfg["data"]["forget"])
 
-    def unlearn(self) -> bool:
+    def unlearn(self, on_epoch=None) -> bool:
         """The student starts from the original and trains with ``unlearn.method``; the stage builds only what
         the method (and the retain term) read: the teacher (online, or a one-pass cache of the frozen models'
         forget-set logits), the original's reference log-likelihoods, the original itself for the KL term.
-        Methods that do not train (``ta``, ``teacher``) build the unlearned model from the two models."""
+        Methods that do not train (``ta``, ``teacher``) build the unlearned model from the two models.
+        ``on_epoch(epoch, model)``: a hook at every epoch boundary (default: TOFU metrics with
+        ``eval.every_epoch``; experiments pass their own)."""
         u = self.cfg["unlearn"]
         method = self.method()
         self._require("original", "finetune")
@@ -406,11 +408,13 @@ class Run:
             frozen = self._frozen(method, forget, original, augmented, keep_original)
             del original, augmented
             init = self.model_path("original")
-        on_epoch = self._epoch_evaluation() if self.cfg["eval"]["every_epoch"] else None
+        finish = on_epoch is None and self.cfg["eval"]["every_epoch"]
+        if finish:
+            on_epoch = self._epoch_evaluation()
         done = self._train_role("unlearned", init, method, forget, u, frozen=frozen, retain_examples=retain,
                                 retain_term=retain_term, retain_weight=u["retain_weight"],
                                 forget_weight=method.ctx.forget_weight, on_epoch=on_epoch)
-        if done and on_epoch is not None:
+        if done and finish and on_epoch is not None:
             print(f"[rklu] per-epoch evaluation: {on_epoch.path}, {on_epoch.finish()}")
         return done
 
