@@ -56,10 +56,11 @@ DEFAULTS: dict = {
     # Stage 3: the student starts from the original and trains with `method` (`rklu methods` lists them; RKLU
     # distils from the teacher l_o - alpha*relu(l_aug - l_o)). beta/delta/forget_weight: null = the method's
     # default (docs/methods.md); refusals: the IDK/DPO refusal file (null: TOFU's idontknow.jsonl);
-    # retain_kl_positions: answer | all (TOFU's code); dpo_form: tofu | open-unlearning (x 2/beta).
+    # retain_kl_positions: answer | all (TOFU's code); dpo_form: tofu | open-unlearning (x 2/beta);
+    # teacher_form: logits (the paper's) | logprobs | centered_mean | centered_median (docs/methods.md).
     "unlearn": {"method": "rklu", "alpha": 8.0, "retain_term": "RT", "retain_weight": 1.0, "backend": "auto",
                 "beta": None, "delta": None, "forget_weight": None, "refusals": None,
-                "retain_kl_positions": "answer", "dpo_form": "tofu", **_optim(10, 1e-5)},
+                "retain_kl_positions": "answer", "dpo_form": "tofu", "teacher_form": "logits", **_optim(10, 1e-5)},
     # Teacher source of `unlearn` (docs/memory-and-scale.md): online (both models run every step) | cached (one
     # forward over the forget set, then the models are freed) | auto (cached when it fits in half the free host
     # memory, or when cache_dir is set). cache_dir: memory-map the cache there (reused if it matches the run).
@@ -207,6 +208,10 @@ def _check_values(c: dict) -> None:
     if u["method"] not in METHODS:
         raise ConfigError(f"unlearn.method: unknown method {u['method']!r}; choose one of {list(METHODS)} "
                           "(`rklu methods` describes them)")
+    from rklu_fast.reference import TEACHER_FORMS
+
+    if u["teacher_form"] not in TEACHER_FORMS:
+        raise ConfigError(f"unlearn.teacher_form: must be one of {list(TEACHER_FORMS)}, got {u['teacher_form']!r}")
     if u["alpha"] < 0:
         raise ConfigError(f"unlearn.alpha: must be ≥ 0, got {u['alpha']!r}")
     if u["beta"] is not None and u["beta"] <= 0:

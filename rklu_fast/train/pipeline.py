@@ -356,6 +356,7 @@ class Run:
         max_length = self.cfg["model"]["max_length"]
         ctx = MethodContext(alpha=u["alpha"], beta=u["beta"], delta=u["delta"], forget_weight=u["forget_weight"],
                             backend=u["backend"], seed=self.cfg["seed"], dpo_form=u["dpo_form"],
+                            teacher_form=u["teacher_form"],
                             refusals=self.refusals,
                             encode=lambda q, a: encode_qa(self.tokenizer, self.template, q, a, max_length),
                             questions=[r["question"] for r in self.forget_records]
@@ -427,7 +428,7 @@ class Run:
                                    pad_token_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
                                    cache_dir=self.cfg["teacher"]["cache_dir"],
                                    micro_batch_size=self.cfg["unlearn"]["micro_batch_size"],
-                                   autocast=self.accelerator.autocast)
+                                   autocast=self.accelerator.autocast, form=self.cfg["unlearn"]["teacher_form"])
         if "reference" in method.needs:
             u = self.cfg["unlearn"]
             sequences = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from rklu_fast.reference import shifted_augmented
 from rklu_fast.train.frozen import TeacherRows
 
 
@@ -16,10 +17,12 @@ def _frozen(model):
 
 
 class OnlineTeacher:
-    """Both frozen models run on every forget micro-batch; rows are all positions, shifted (``rows="all"``)."""
+    """Both frozen models run on every forget micro-batch; rows are all positions, shifted (``rows="all"``).
+    ``form``: the teacher form (``rklu_fast.reference.TEACHER_FORMS``): the augmented logits are shifted by the
+    form's per-row ``c`` before the loss forms ``l_o − α·relu(l_aug − c − l_o)``."""
 
-    def __init__(self, original, augmented):
-        self.original, self.augmented = _frozen(original), _frozen(augmented)
+    def __init__(self, original, augmented, form: str = "logits"):
+        self.original, self.augmented, self.form = _frozen(original), _frozen(augmented), form
 
     @staticmethod
     @torch.no_grad()
@@ -32,7 +35,8 @@ class OnlineTeacher:
 
     def rows(self, batch) -> TeacherRows:
         original, augmented = self.logits(batch)
-        return TeacherRows(original[:, :-1], augmented[:, :-1], "all")
+        original, augmented = original[:, :-1], augmented[:, :-1]
+        return TeacherRows(original, shifted_augmented(original, augmented, self.form), "all")
 
 
 def check_same_vocab(**models) -> None:

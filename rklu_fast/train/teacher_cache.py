@@ -28,6 +28,7 @@ import torch
 
 from rklu_fast.data.collate import collate, num_targets, target_mask, to_device
 from rklu_fast.train.checkpoint import atomic_directory
+from rklu_fast.reference import shifted_augmented
 from rklu_fast.train.frozen import TeacherRows
 
 FORMAT_VERSION = 1
@@ -85,6 +86,7 @@ class CacheKey:
     template: str
     dtype: str
     vocab_size: int
+    teacher_form: str = "logits"   # the augmented rows are stored shifted by the form's c (reference.py)
 
 
 def answer_row_counts(labels: torch.Tensor) -> torch.Tensor:
@@ -92,12 +94,14 @@ def answer_row_counts(labels: torch.Tensor) -> torch.Tensor:
     return target_mask(labels).sum(dim=1)
 
 
-def model_logits_fn(original: torch.nn.Module, augmented: torch.nn.Module) -> Callable:
-    """The online teacher forward: ``batch -> (original logits, augmented logits)``, both ``[B, T, V]``."""
+def model_logits_fn(original: torch.nn.Module, augmented: torch.nn.Module, form: str = "logits") -> Callable:
+    """The online teacher forward: ``batch -> (original logits, augmented logits)``, both ``[B, T, V]``; with a
+    teacher ``form`` the augmented logits come shifted by its per-row ``c``, rounded back to the models' dtype."""
     @torch.no_grad()
     def logits(batch: dict):
         kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return original(**kw).logits, augmented(**kw).logits
+        lo, la = original(**kw).logits, augmented(**kw).logits
+        return lo, shifted_augmented(lo, la, form).to(la.dtype)
     return logits
 
 
@@ -182,7 +186,7 @@ class TeacherCache:
         if meta.get("format") != FORMAT_VERSION:
             raise StaleTeacherCache(f"teacher cache {path}: format {meta.get('format')}, this version reads "
                                     f"{FORMAT_VERSION}; delete it to rebuild")
-        key = CacheKey(**meta["key"])
+        key = CacheKey(**{"teacher_form": "logits", **meta["key"]})  # caches written before teacher forms
         if expected is not None and key != expected:
             diffs = [f"{f}: cache has {getattr(key, f)!r}, run needs {getattr(expected, f)!r}"
                      for f in expected.__dataclass_fields__ if getattr(key, f) != getattr(expected, f)]
@@ -266,7 +270,7 @@ def _available_host_bytes() -> int:
 
 def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Module, examples: list[dict], *,
                  template, pad_token_id: int, device, cache_dir: str | Path | None = None,
-                 micro_batch_size: int = 8, autocast=contextlib.nullcontext):
+                 micro_batch_size: int = 8, autocast=contextlib.nullcontext, form: str = "logits"):
     """The unlearn stage's teacher source (config ``teacher.mode``).
 
     ``online``: ``OnlineTeacher`` (both models on ``device``).  ``cached``: build (or, with ``cache_dir``, load
@@ -281,7 +285,7 @@ def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Modul
     if mode not in TEACHER_MODES:
         raise ValueError(f"teacher.mode: must be one of {TEACHER_MODES}, got {mode!r}")
     original, augmented = original.to(device).eval(), augmented.to(device).eval()
-    logits_fn = model_logits_fn(original, augmented)
+    logits_fn = model_logits_fn(original, augmented, form)
 
     def under_autocast(batch):
         with autocast():
@@ -294,10 +298,10 @@ def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Modul
     if mode == "auto":
         mode = "cached" if cache_dir is not None or nbytes <= _available_host_bytes() // 2 else "online"
     if mode == "online":
-        return OnlineTeacher(original, augmented)
+        return OnlineTeacher(original, augmented, form)
     key = CacheKey(original=model_fingerprint(original), augmented=model_fingerprint(augmented),
                    data=data_fingerprint(examples), template=template_fingerprint(template),
-                   dtype=str(dtype).removeprefix("torch."), vocab_size=vocab)
+                   dtype=str(dtype).removeprefix("torch."), vocab_size=vocab, teacher_form=form)
     if cache_dir is not None and (Path(cache_dir) / "meta.json").is_file():
         cache = TeacherCache.load(cache_dir, key)  # refuses a stale cache, naming what differs
     else:
