@@ -51,6 +51,7 @@ def _reference(ref: str | Path) -> str:
 
 class TeacherModel(torch.nn.Module):
     """The teacher of two frozen models (``original``, ``augmented``), as a causal LM (see the module docstring)."""
+    supports_beam_search = False  # ``generate`` is greedy only: the leak probe's beam search skips this model
 
     def __init__(self, original: torch.nn.Module, augmented: torch.nn.Module, alpha: float,
                  references: tuple[str, str] | None = None, form: str = "logits"):

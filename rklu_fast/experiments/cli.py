@@ -15,13 +15,14 @@ def _mini_tofu(args) -> int:
             exp.write_report()
             return 0
         if args.job:
-            found = [j for j in exp.job_specs() if j["id"] == args.job]
+            specs = exp.job_specs(args.plan)
+            found = [j for j in specs if j["id"] == args.job]
             if not found:
-                raise ConfigError(f"--job: no job {args.job!r}; jobs: {[j['id'] for j in exp.job_specs()]}")
+                raise ConfigError(f"--job: no job {args.job!r}; jobs: {[j['id'] for j in specs]}")
             exp.train_models()
             exp.run_job(found[0])
             return 0
-        exp.run(jobs=args.jobs, only=args.only.split(",") if args.only else None)
+        exp.run(jobs=args.jobs, only=args.only.split(",") if args.only else None, plan=args.plan)
     except (ConfigError, FileNotFoundError) as e:
         print(f"rklu experiment: error: {e}", file=sys.stderr)
         return 2
@@ -41,8 +42,9 @@ def register(sub) -> None:
                                      "and utility, a report in experiment.out_dir (docs/mini-tofu.md).")
     m.add_argument("--config", required=True, help="e.g. configs/mini-tofu.yaml (its `experiment:` section)")
     m.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. experiment.jobs=1")
+    m.add_argument("--plan", default=None, help="a plan of experiment.plans (default: experiment.methods)")
     m.add_argument("--jobs", type=int, default=None, help="jobs side by side (default: experiment.jobs)")
-    m.add_argument("--only", default=None, help="comma-separated job ids or method specs to run (e.g. rklu+RT)")
+    m.add_argument("--only", default=None, help="comma-separated job ids or labels to run (e.g. rklu+RT)")
     m.add_argument("--job", default=None, help=argparse.SUPPRESS)  # one job, in this process (the pool's workers)
     m.add_argument("--report-only", action="store_true", help="rewrite the report from the finished jobs")
     m.set_defaults(func=_mini_tofu)

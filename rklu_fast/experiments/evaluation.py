@@ -9,7 +9,8 @@ Per epoch, forward passes only (``Scorer.losses``):
 - retain split (the first ``retain_rows`` rows of ``retain_perturbed``): mean answer probability and TOFU's retain
   truth ratio ``mean(max(0, 1 − 1/s))``.
 At chosen epochs (``Scorer.generations``): greedy ROUGE-L recall on the forget and retain rows, and the paper's
-fill-in-the-blank top-5 leak rate on the first ``leak_rows`` forget questions.
+fill-in-the-blank top-5 leak rate on the first ``leak_rows`` forget questions (beam search: not for the teacher
+model, whose decoder is greedy only).
 
 Utility of a model trained from scratch (it knows no real authors or world facts, so TOFU's 9-value model utility
 would be meaningless): the harmonic mean of the retain set's probability, ROUGE-L and truth ratio.
@@ -85,7 +86,7 @@ class Scorer:
                 texts = greedy_continuations(model, self.tokenizer, task.prompt_ids, budgets)
                 out[f"{name}_rougeL"] = float(np.mean([rouge_scores(g, t)["rougeL_recall"]
                                                        for g, t in zip(task.gold, texts)]))
-            if leak and self.leak_rows:
+            if leak and self.leak_rows and getattr(model, "supports_beam_search", True):
                 probe = leak_probe(model, self.tokenizer, self.template, self.leak_rows)
                 out["leak_rate"], out["leak_probed"] = probe["leaked_fraction"], probe["probed"]
                 out["direct_leak_rate"] = probe["direct_leaked_fraction"]

@@ -35,11 +35,13 @@ from rklu_fast.experiments.evaluation import Scorer, utility
 from rklu_fast.experiments.selection import FQ_THRESHOLD, best_utility_above, selected_epoch
 
 DEFAULTS = {
+    # the plan run when no --plan is given; `plans` may name others. An entry is "METHOD[+RETAIN]" or a mapping
+    # {spec, label, overrides: [unlearn.* = …], lrs, seeds, eval_every, lr: best} (docs/mini-tofu.md, "Plans").
     "methods": ["rklu", "rklu+RT", "rklu+KL", "fklu+RT", "ga", "ga+RT", "npo+RT", "simnpo+RT", "idk+RT", "dpo+RT",
                 "ta", "teacher"],
+    "plans": {},
     "lrs": [3.0e-5, 1.0e-4, 3.0e-4],   # the unlearning-lr grid every trained method gets
     "seeds": [0],
-    "overrides": {},                   # per-method unlearn.* overrides, e.g. {"rklu+RT": ["unlearn.alpha=4"]}
     "jobs": 2,                         # single-threaded jobs side by side
     "forget_rows": 400,                # forget quality on TOFU's first 300 and on all rows
     "retain_rows": 100,                # utility on the first 100 rows of retain_perturbed
@@ -92,14 +94,17 @@ class Experiment:
         if unknown:
             raise ConfigError(f"experiment: unknown keys {unknown}; valid keys: {sorted(DEFAULTS)}")
         self.exp = {**DEFAULTS, **given}
-        for spec in self.exp["methods"]:
-            self._check_spec(spec)
+        for plan in [None, *self.exp["plans"]]:
+            for entry in self.entries(plan):
+                if "spec" in entry:
+                    self._check_spec(entry["spec"])
         self.root = Path(self.cfg["run_dir"])
         self.models = self.root / "models"
         self.results = self.root / "results"
         self.command = command or "rklu experiment mini-tofu " + " ".join(
             shlex.quote(a) for a in ["--config", self.config_path, *self.overrides])
         self._scorer = None
+        self.plan: str | None = None
 
     @staticmethod
     def _check_spec(spec: str) -> None:
@@ -117,26 +122,73 @@ class Experiment:
     def models_config(self) -> dict:
         return self._stage_config(self.models, [])
 
-    def job_specs(self) -> list[dict]:
+    _ENTRY_KEYS = {"spec", "label", "overrides", "lrs", "seeds", "eval_every", "lr", "best_of"}
+
+    def entries(self, plan: str | None = None) -> list[dict]:
+        """The normalised entries of ``plan`` (None: ``experiment.methods``)."""
+        if plan is not None and plan not in self.exp["plans"]:
+            raise ConfigError(f"--plan: no plan {plan!r}; experiment.plans has {sorted(self.exp['plans'])}")
+        raw = self.exp["methods"] if plan is None else self.exp["plans"][plan]
+        out = []
+        for item in raw:
+            entry = {"spec": item} if isinstance(item, str) else dict(item)
+            unknown = sorted(set(entry) - self._ENTRY_KEYS)
+            if unknown or not ({"spec", "best_of"} & set(entry)):
+                raise ConfigError(f"experiment plan entry {item!r}: needs `spec` (or `best_of`); unknown keys "
+                                  f"{unknown}; valid keys {sorted(self._ENTRY_KEYS)}")
+            out.append(entry)
+        return out
+
+    def job_specs(self, plan: str | None = None) -> list[dict]:
         jobs = []
-        for spec in self.exp["methods"]:
+        for entry in self.entries(plan):
+            entry = self._resolve(entry)
+            spec = entry["spec"]
             method, retain = split_method(spec)
+            label = entry.get("label") or spec
+            common = {"spec": spec, "label": label, "method": method, "retain": retain, "plan": plan or "methods",
+                      "overrides": list(entry.get("overrides", [])), "eval_every": entry.get("eval_every")}
             if method in UNTRAINED:
-                jobs.append({"id": job_id(spec, None, 0), "spec": spec, "method": method, "retain": retain,
-                             "lr": None, "seed": self.cfg["seed"]})
+                jobs.append({**common, "id": job_id(label, None, 0), "lr": None, "seed": self.cfg["seed"]})
                 continue
-            for lr in self.exp["lrs"]:
-                for seed in self.exp["seeds"]:
-                    jobs.append({"id": job_id(spec, lr, seed), "spec": spec, "method": method, "retain": retain,
-                                 "lr": float(lr), "seed": int(seed)})
+            lrs = [entry["lr"]] if "lr" in entry else entry.get("lrs", self.exp["lrs"])
+            for lr in lrs:
+                for seed in entry.get("seeds", self.exp["seeds"]):
+                    jobs.append({**common, "id": job_id(label, lr, seed), "lr": float(lr), "seed": int(seed)})
         return jobs
+
+    def _finished(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.results.glob("*.json")) if p.name != "reference.json"
+                and not p.name.startswith("teacher_")]
+
+    def _resolve(self, entry: dict) -> dict:
+        """``best_of: PLAN``: the entry of PLAN whose runs did best (``selection.best_configuration``);
+        ``lr: best``: the learning rate of the label's best seed-0 grid point.  Both read finished results."""
+        from rklu_fast.experiments.selection import best_configuration, best_grid_point
+
+        if "best_of" in entry:
+            candidates = {e.get("label") or e["spec"]: e for e in self.entries(entry["best_of"])
+                          if "spec" in e and split_method(e["spec"])[0] not in UNTRAINED}
+            runs = [r for r in self._finished() if r.get("label", r["spec"]) in candidates]
+            if not runs:
+                raise ConfigError(f"best_of: {entry['best_of']!r}: no finished runs of that plan yet; run "
+                                  f"`--plan {entry['best_of']}` first")
+            best = best_configuration(runs)
+            entry = {**candidates[best], **{k: v for k, v in entry.items() if k != "best_of"}}
+        if entry.get("lr") == "best":
+            label = entry.get("label") or entry["spec"]
+            runs = [r for r in self._finished() if r.get("label", r["spec"]) == label and r["seed"] == 0]
+            if not runs:
+                raise ConfigError(f"lr: best: no finished seed-0 runs of {label!r} yet; run its lr grid first")
+            entry = {**entry, "lr": best_grid_point(runs)["lr"]}
+        return entry
 
     def job_config(self, job: dict) -> dict:
         extra = [f"finetune.original={self.models / 'original' / 'model'}",
                  f"finetune.oracle={self.models / 'oracle' / 'model'}",
                  f"augment.model={self.models / 'augmented' / 'model'}",
                  f"unlearn.method={job['method']}", f"unlearn.retain_term={job['retain']}", f"seed={job['seed']}",
-                 "threads=1", *self.exp["overrides"].get(job["spec"], [])]
+                 "threads=1", *job.get("overrides", [])]
         if job["lr"] is not None:
             extra.append(f"unlearn.lr={job['lr']}")
         if self.cfg["model"]["train_tokenizer"]:  # the BPE the shared models' run trained
@@ -207,6 +259,26 @@ class Experiment:
     def scorer_rows(self) -> int:
         return min(300, self.exp["forget_rows"])
 
+    def teacher_diagnostics(self) -> dict:
+        """Per teacher form and α: how the teacher treats the forget answers (``diagnostics.py``); cached."""
+        path = self.results / "teacher_diagnostics.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        from rklu_fast.experiments.diagnostics import teacher_diagnostics
+        from rklu_fast.train.pipeline import Run
+
+        run = Run(self.models_config())
+        run.preflight(())
+        original = run.load_model(run.model_path("original"))
+        augmented = run.load_model(run.model_path("augmented"))
+        alphas = sorted({float(o.split("=", 1)[1]) for plan in self.exp["plans"] for e in self.entries(plan)
+                         for o in e.get("overrides", []) if o.startswith("unlearn.alpha=")}
+                        | {self.cfg["unlearn"]["alpha"]})
+        out = teacher_diagnostics(original, augmented, run.encode(run.forget_records), run.tokenizer.pad_token_id,
+                                  alphas=alphas)
+        _write_json(path, out)
+        return out
+
     # ------------------------------------------------------------------ step 2: one job
     def run_job(self, job: dict) -> dict:
         """Unlearn with one (method, lr, seed), evaluate its epochs, pick its points; writes its result file."""
@@ -229,7 +301,7 @@ class Experiment:
         points = json.loads(progress.read_text()) if progress.is_file() else []
         weights = job_dir / "epoch_weights"
         last_end = [time.perf_counter()]
-        every, total_epochs = self.exp["eval_every"], cfg["unlearn"]["epochs"]
+        every, total_epochs = job.get("eval_every") or self.exp["eval_every"], cfg["unlearn"]["epochs"]
 
         def on_epoch(epoch, model):
             nonlocal points
@@ -280,11 +352,12 @@ class Experiment:
             p.update(scorer.generations(model, leak=leak))
             p["utility"] = utility(p["retain_prob"], p["retain_rougeL"], p["retain_truth_ratio"])
             p["generation_seconds"] = time.perf_counter() - t0
-        result = {"job": job["id"], "spec": job["spec"], "method": job["method"], "retain_term": job["retain"],
+        result = {"job": job["id"], "plan": job.get("plan"), "spec": job["spec"], "label": job["label"],
+                  "overrides": job.get("overrides", []),
+                  "method": job["method"], "retain_term": job["retain"],
                   "lr": job["lr"], "seed": job["seed"], "trains": job["method"] not in UNTRAINED,
                   "unlearn": {k: cfg["unlearn"][k] for k in ("alpha", "beta", "delta", "forget_weight", "epochs",
-                                                              "batch_size", "retain_weight")},
-                  "teacher_form": cfg["unlearn"].get("teacher_form"),
+                                                              "batch_size", "retain_weight", "teacher_form")},
                   "epochs": points, "wall_seconds": time.perf_counter() - t_start,
                   "command": self.command + f" --job {job['id']}", "machine": machine(),
                   "date": date.today().isoformat()}
@@ -297,12 +370,16 @@ class Experiment:
         return result
 
     # ------------------------------------------------------------------ steps 2-3: all jobs, then the report
-    def run(self, jobs: int | None = None, only: list[str] | None = None) -> Path:
+    def run(self, jobs: int | None = None, only: list[str] | None = None, plan: str | None = None) -> Path:
+        self.plan = plan
         self.train_models()
         ref = self.reference_points()
         self.check_informative(ref)
-        pending = [j for j in self.job_specs() if not (self.results / f"{j['id']}.json").is_file()
-                   and (only is None or j["id"] in only or j["spec"] in only)]
+        if plan is not None and any(split_method(e.get("spec", "rklu"))[0] in ("rklu", "fklu", "teacher")
+                                    for e in self.entries(plan)):
+            self.teacher_diagnostics()
+        pending = [j for j in self.job_specs(plan) if not (self.results / f"{j['id']}.json").is_file()
+                   and (only is None or j["id"] in only or j["label"] in only)]
         workers = jobs or self.exp["jobs"]
         print(f"[experiment] {len(pending)} jobs to run, {workers} at a time")
         if workers <= 1:
@@ -322,7 +399,8 @@ class Experiment:
             while queue and len(running) < workers:
                 j = queue.pop(0)
                 cmd = [sys.executable, "-m", "rklu_fast.cli", "experiment", "mini-tofu", "--config",
-                       self.config_path, "--job", j["id"], *self.overrides]
+                       self.config_path, "--job", j["id"], *(["--plan", self.plan] if self.plan else []),
+                       *self.overrides]
                 log = open(logs / f"{j['id']}.log", "w")
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
                 running.append((j, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
@@ -341,14 +419,16 @@ class Experiment:
             raise RuntimeError(f"jobs failed: {failed}; see {logs}")
 
     def write_report(self) -> Path:
-        results = [json.loads(p.read_text()) for p in sorted(self.results.glob("*.json")) if p.name != "reference.json"]
+        results = self._finished()
         ref = self.reference_points()
+        diagnostics = self.results / "teacher_diagnostics.json"
         out_dir = Path(self.exp["out_dir"])
         stem = out_dir / f"{self.exp['name']}_{date.today().isoformat()}"
         data = {"command": self.command, "config": yaml.safe_load(Path(self.config_path).read_text()),
                 "overrides": self.overrides, "experiment": self.exp, "machine": machine(),
                 "forget_split": self.cfg["data"]["forget"],
                 "reference": {k: {kk: vv for kk, vv in v.items() if kk != "stat"} for k, v in ref.items()},
+                "teacher_diagnostics": json.loads(diagnostics.read_text()) if diagnostics.is_file() else None,
                 "jobs": results}
         report.write_all(stem, data)
         print(f"[experiment] report: {stem}.json, .md, .png, _curves.png")

@@ -47,6 +47,28 @@ def method_points(jobs: list[dict]) -> dict[str, dict]:
     return points
 
 
+def seed_summary(jobs: list[dict]) -> dict[str, dict]:
+    """Per label run with several seeds at one learning rate: geometric mean of forget quality at e*, arithmetic
+    mean of utility at e* and of the best utility above FQ 0.05 (None where a seed has none), with min–max."""
+    out = {}
+    for label, runs in groups(jobs).items():
+        by_lr = defaultdict(list)
+        for r in runs:
+            by_lr[r["lr"]].append(r)
+        for lr, same in by_lr.items():
+            if len({r["seed"] for r in same}) < 2:
+                continue
+            fq = [max(r["selected"]["forget_quality"], 1e-300) for r in same]
+            ut = [r["selected"].get("utility") or 0.0 for r in same]
+            above = [(r.get("best_utility_above_0.05") or {}).get("utility") for r in same]
+            out[label] = {"lr": lr, "seeds": sorted(r["seed"] for r in same),
+                          "fq_geomean": math.exp(sum(math.log(x) for x in fq) / len(fq)),
+                          "fq_min": min(fq), "fq_max": max(fq),
+                          "utility_mean": sum(ut) / len(ut), "utility_min": min(ut), "utility_max": max(ut),
+                          "best_utility_above_mean": None if None in above else sum(above) / len(above)}
+    return out
+
+
 def _fmt(value, spec=".3f") -> str:
     if value is None:
         return "–"
@@ -98,6 +120,31 @@ def markdown(data: dict) -> str:
                      f"{_fmt(s['epoch'], 'g')} | {_fmt(s['forget_quality'])} | {_fmt(s.get('utility'))} | "
                      f"{_fmt(last['forget_quality'])} | {_fmt(last.get('utility'))} | "
                      f"{_fmt(sum(secs) / len(secs), '.0f') if secs else '–'} |")
+    diag = data.get("teacher_diagnostics")
+    if diag:
+        lines += ["", "## The teacher on the forget answers (per form and α)", "",
+                  f"Positions: {diag['positions']}; mean logit drift of the augmented model mean(l_aug − l_o): "
+                  f"{diag['mean_logit_drift']:.3f}; gold-token probability under the original: "
+                  f"{diag['gold_prob_original']:.3f}.", "",
+                  "| form | vocab share penalised | α | teacher top-1 = original's | teacher entropy | gold prob under "
+                  "teacher |", "|---|---|---|---|---|---|"]
+        for form, d in diag["forms"].items():
+            for a, v in d["alpha"].items():
+                lines.append(f"| {form} | {d['penalised_share']:.3f} | {a} | {v['top1_agreement']:.3f} | "
+                             f"{v['entropy']:.3f} | {v['gold_prob_teacher']:.3f} |")
+    seeds = seed_summary(jobs)
+    if seeds:
+        u0 = ref["original"].get("utility") or 0.0
+        lines += ["", "## Seeds (geometric mean of FQ, mean utility; min–max)", "",
+                  f"Goal: FQ > {FQ_THRESHOLD} with utility ≥ 0.85 × the original's ({0.85 * u0:.3f}).", "",
+                  "| configuration | lr | seeds | FQ (geo mean) | FQ min–max | utility at e* (mean) | min–max | "
+                  "mean best utility with FQ > 0.05 | goal met |", "|---|---|---|---|---|---|---|---|---|"]
+        for label, v in seeds.items():
+            met = v["fq_geomean"] > FQ_THRESHOLD and v["utility_mean"] >= 0.85 * u0
+            lines.append(f"| {label} | {_fmt(v['lr'], 'g')} | {','.join(map(str, v['seeds']))} | "
+                         f"{_fmt(v['fq_geomean'])} | {_fmt(v['fq_min'])}–{_fmt(v['fq_max'])} | "
+                         f"{_fmt(v['utility_mean'])} | {_fmt(v['utility_min'])}–{_fmt(v['utility_max'])} | "
+                         f"{_fmt(v['best_utility_above_mean'])} | {'yes' if met else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -120,13 +167,18 @@ def _fq_axis(ax) -> None:
     ax.axvline(FQ_THRESHOLD, color="grey", lw=0.8, ls="--")
 
 
-def plot(data: dict, path: Path) -> None:
+def plot(data: dict, path: Path, plans: tuple[str, ...] | None = ("methods", "comparison"),
+         title: str = "each method at e*") -> None:
+    """Forget quality against utility, one point per label (of the jobs of ``plans``; None: every job)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref, points = data["reference"], method_points(data["jobs"])
+    jobs = [j for j in data["jobs"] if plans is None or j.get("plan", "methods") in plans]
+    if not jobs:
+        return
+    ref, points = data["reference"], method_points(jobs)
     fig, ax = plt.subplots(figsize=(7.5, 5))
     fqs = [p["selected"]["forget_quality"] for p in points.values()] + [ref[r]["forget_quality"] for r in ref]
     for name, run in points.items():
@@ -146,7 +198,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
     ax.set_xlabel("forget quality (KS p-value vs the oracle; log below 0.05, linear above)")
     ax.set_ylabel("utility (retain prob, ROUGE-L, truth ratio: harmonic mean)")
-    ax.set_title(f"mini-TOFU, {data.get('forget_split', 'forget10')}: each method at e*", fontsize=10)
+    ax.set_title(f"mini-TOFU, {data.get('forget_split', 'forget10')}: {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -158,7 +210,8 @@ def plot_curves(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = {k: v for k, v in method_points(data["jobs"]).items() if v["trains"]}
+    jobs = [j for j in data["jobs"] if j.get("plan", "methods") in ("methods", "comparison")]
+    points = {k: v for k, v in method_points(jobs).items() if v["trains"]} if jobs else {}
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for name, run in points.items():
         ep = [p["epoch"] for p in run["epochs"]]
@@ -179,8 +232,11 @@ def plot_curves(data: dict, path: Path) -> None:
 def write_all(stem: Path, data: dict) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     data = finite(data)
+    data["seed_summary"] = seed_summary(data["jobs"])
     Path(f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     Path(f"{stem}.md").write_text(markdown(data), encoding="utf-8")
     if data["jobs"]:
         plot(data, Path(f"{stem}.png"))
         plot_curves(data, Path(f"{stem}_curves.png"))
+        if any(j.get("plan", "methods") not in ("methods", "comparison") for j in data["jobs"]):
+            plot(data, Path(f"{stem}_frontier.png"), plans=None, title="every configuration at e* (the frontier)")

@@ -6,6 +6,9 @@
   the one with the highest utility, or None when no epoch gets there.
 - ``best_grid_point``: across a learning-rate grid, the run whose e* has the highest forget quality (ties: higher
   utility, then the smaller learning rate), so one point per method goes on the plot.
+- ``best_configuration``: across configurations (labels, e.g. teacher forms × α), the one with the highest utility
+  among epochs above forget quality 0.05; when none gets there, the one whose best grid point has the highest
+  forget quality at e*.
 """
 from __future__ import annotations
 
@@ -35,3 +38,23 @@ def best_grid_point(runs: list[dict]) -> dict:
         raise ValueError("runs: empty grid")
     return max(runs, key=lambda r: (r["selected"]["forget_quality"], r["selected"].get("utility") or 0.0,
                                     -(r["lr"] or 0.0)))
+
+
+def best_configuration(runs: list[dict]) -> str:
+    """The label (``run["label"]``, else its ``spec``) of the best configuration among seed-0 ``runs``."""
+    by_label: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["seed"] == 0:
+            by_label.setdefault(r.get("label") or r["spec"], []).append(r)
+    if not by_label:
+        raise ValueError("runs: no seed-0 run")
+
+    def above(label):
+        points = [r["best_utility_above_0.05"] for r in by_label[label] if r.get("best_utility_above_0.05")]
+        return max((p["utility"] for p in points), default=None)
+
+    reaching = {label: u for label in by_label if (u := above(label)) is not None}
+    if reaching:
+        return max(reaching, key=reaching.get)
+    return max(by_label, key=lambda label: (best_grid_point(by_label[label])["selected"]["forget_quality"],
+                                            best_grid_point(by_label[label])["selected"].get("utility") or 0.0))

@@ -74,12 +74,15 @@ def epochs_touched(num_examples: int, epochs: float, batch_size: int) -> int:
     return math.ceil(total * batch_size / num_examples)
 
 
-def step_counts(forget_views: list[dict[str, dict]], retain_examples: list[dict], micro_batch_size: int
-                ) -> StepCounts:
-    """The normalisers of one whole step (every process computes them from the whole step's examples)."""
+def step_counts(forget_views: list[dict[str, dict]], retain_examples: list[dict], micro_batch_size: int,
+                world: int = 1) -> StepCounts:
+    """The normalisers of one whole step (every process computes them from the whole step's examples).
+    ``retain_positions`` counts the padded positions of the retain micro-batches the ``world`` processes form
+    from their shares (the KL term over all positions depends on padding, as TOFU's does)."""
     names = forget_views[0].keys() if forget_views else ()
     positions = sum(len(chunk) * max(len(e["input_ids"]) for e in chunk)
-                    for chunk in _chunks(retain_examples, micro_batch_size))
+                    for r in range(world) if retain_examples
+                    for chunk in _chunks(length_grouped(rank_slice(retain_examples, r, world)), micro_batch_size))
     return StepCounts(tokens={name: count_targets([v[name] for v in forget_views]) for name in names},
                       sequences=len(forget_views), retain_tokens=count_targets(retain_examples),
                       retain_positions=positions)
@@ -87,6 +90,16 @@ def step_counts(forget_views: list[dict[str, dict]], retain_examples: list[dict]
 
 def _chunks(items: list, size: int):
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def length_grouped(items: list) -> list:
+    """The items of one step (examples, or dicts of views) sorted by length, so that each micro-batch pads to a
+    similar length: the step's sum and its normalisers do not depend on how it is split into micro-batches, only
+    the padded tokens do (stable sort: a pure function of the step's items)."""
+    def length(item):
+        views = item.values() if "input_ids" not in item else (item,)
+        return max(len(v["input_ids"]) for v in views)
+    return sorted(items, key=length)
 
 
 def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], micro_batch_size: int,
@@ -110,8 +123,8 @@ def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], mic
     def student(batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    f_chunks = _chunks(forget_views, micro_batch_size)
-    r_chunks = _chunks(retain_examples, micro_batch_size)
+    f_chunks = _chunks(length_grouped(forget_views), micro_batch_size)
+    r_chunks = _chunks(length_grouped(retain_examples), micro_batch_size)
     sums = {"forget_loss": torch.zeros((), device=device)}
     if retain_term is not None:
         sums["retain_loss"] = torch.zeros((), device=device)
@@ -218,7 +231,7 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         logging_step = done % log_every == 0 or done == total
         f_views = [method.views(example, epoch) for epoch, example in forget.step(step)]
         r_examples = [example for _, example in retain.step(step)] if retain is not None else []
-        counts = step_counts(f_views, r_examples, micro)
+        counts = step_counts(f_views, r_examples, micro, world)
         sums = accumulate_gradients(model, method, rank_slice(f_views, rank, world), micro, pad_id, accelerator,
                                     frozen=frozen, retain_examples=rank_slice(r_examples, rank, world),
                                     retain_term=retain_term, retain_weight=retain_weight,
