@@ -110,8 +110,18 @@ def load_frozen_adapter(model, path: str | Path, name: str = AUGMENTED):
 
 
 def save_adapter(directory: str | Path, model, name: str | None = None) -> None:
-    """Adapter ``name`` (default: the active one) of a ``PeftModel`` in peft's ``save_pretrained`` layout, at the
-    top of ``directory`` (peft puts adapters not named "default" in a sub-folder; moved up here)."""
+    """Adapter ``name`` (default: the active one) of a ``PeftModel`` in peft's ``save_pretrained`` layout at
+    ``directory``, written atomically with a manifest, as checkpoints are (``checkpoint.atomic_directory``)."""
+    from rklu_fast.train.checkpoint import atomic_directory, write_manifest
+
+    with atomic_directory(directory) as tmp:
+        write_adapter(tmp, model, name)
+        write_manifest(tmp)
+
+
+def write_adapter(directory: str | Path, model, name: str | None = None) -> None:
+    """``save_adapter``'s files written straight into ``directory`` (which a checkpoint writer makes atomic), at
+    its top: peft puts adapters not named "default" in a sub-folder; moved up here."""
     directory, name = Path(directory), name or model.active_adapter
     model.save_pretrained(directory, selected_adapters=[name])
     if name != "default":
