@@ -1,0 +1,83 @@
+"""Progress: a tqdm bar on a terminal, plain periodic lines anywhere else (a log file or a pipe would otherwise
+collect every redraw of the bar, ``\\r`` by ``\\r``).
+
+``progress(...)`` takes tqdm's arguments and returns an object with the part of tqdm's interface training uses:
+``update(n)``, ``set_postfix(**values)``, ``close()``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+
+def progress(total: int, *, initial: int = 0, desc: str = "", unit: str = "it", disable: bool = False,
+             stream=None, every_percent: float = 10.0, every_seconds: float = 60.0, **tqdm_kwargs):
+    """A tqdm bar when ``stream`` (default: stderr) is a terminal; otherwise ``LineProgress``, one line per
+    ``every_percent`` of ``total`` or ``every_seconds``, whichever comes first, and one at the end."""
+    stream = sys.stderr if stream is None else stream
+    if disable or _is_terminal(stream):
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, file=stream, **tqdm_kwargs)
+    return LineProgress(total, initial=initial, desc=desc, unit=unit, stream=stream, every_percent=every_percent,
+                        every_seconds=every_seconds)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class LineProgress:
+    """``desc: n/total units (p%), rate, elapsed, ETA, postfix`` lines.  A line falls due on ``update``; it is
+    written at the following ``set_postfix`` (so it shows that step's values), or at the next ``update``/``close``
+    if no postfix comes."""
+
+    def __init__(self, total: int, *, initial: int = 0, desc: str = "", unit: str = "it", stream=None,
+                 every_percent: float = 10.0, every_seconds: float = 60.0):
+        self.total, self.n, self.initial, self.desc, self.unit = total, initial, initial, desc, unit
+        self.stream = sys.stderr if stream is None else stream
+        self.every_percent, self.every_seconds = every_percent, every_seconds
+        self.postfix: dict = {}
+        self._start = self._last_time = time.monotonic()
+        self._last_n = initial
+        self._due = False
+
+    def update(self, n: int = 1) -> None:
+        self._write_if_due()
+        self.n += n
+        percent = lambda k: 100.0 * k / self.total if self.total else 100.0  # noqa: E731
+        crossed = int(percent(self.n) // self.every_percent) > int(percent(self._last_n) // self.every_percent)
+        self._due = crossed or time.monotonic() - self._last_time >= self.every_seconds
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **values) -> None:
+        self.postfix = {**(ordered_dict or {}), **values}
+        self._write_if_due()
+
+    def close(self) -> None:
+        if self.n != self._last_n:
+            self._due = True
+        self._write_if_due()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self._start
+        done = self.n - self.initial
+        rate = done / elapsed if elapsed > 0 else 0.0
+        parts = [f"{self.n}/{self.total} {self.unit}s" + (f" ({100.0 * self.n / self.total:.0f}%)" if self.total
+                                                          else "")]
+        if done and rate > 0:
+            parts.append(f"{rate:.3g} {self.unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}")
+            parts.append(f"{tqdm.format_interval(elapsed)} elapsed")
+            if self.total and self.n < self.total:
+                parts.append(f"ETA {tqdm.format_interval((self.total - self.n) / rate)}")
+        if self.postfix:
+            parts.append(" ".join(f"{k}={v}" for k, v in self.postfix.items()))
+        return (f"{self.desc}: " if self.desc else "") + ", ".join(parts)
+
+    def _write_if_due(self) -> None:
+        if not self._due:
+            return
+        print(self.line(), file=self.stream, flush=True)
+        self._due, self._last_n, self._last_time = False, self.n, time.monotonic()
