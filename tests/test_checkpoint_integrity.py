@@ -192,6 +192,17 @@ def test_failed_write_of_any_checkpoint_file_keeps_the_previous_checkpoint(tmp_p
     assert_same_stage(tmp_path / "run", reference, "original")
 
 
+def test_failed_final_model_write_leaves_nothing_half_written(tmp_path):
+    class Model:  # writes half its weights, then the disk is full
+        def save_pretrained(self, directory):
+            (Path(directory) / "model.safetensors").write_bytes(b"\0" * 100)
+            raise OSError(28, "No space left on device")
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"model .*/model: writing failed \(OSError: \[Errno "
+                                                              r"28\] No space left on device\); nothing of it"):
+        checkpoint.save_model(tmp_path / "model", Model())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_kill_mid_write_leaves_the_previous_checkpoint(tmp_path, reference):
     """A real kill (the process exits at once, no cleanup) with model.safetensors half written."""
     args = ["finetune", "--config", TINY, *ov(tmp_path / "run")]

@@ -80,10 +80,15 @@ def atomic_directory(path: str | Path):
 
 
 def save_model(path: str | Path, model, tokenizer=None) -> None:
-    """The model (and tokenizer) in ``save_pretrained`` form with a manifest, written atomically."""
-    with atomic_directory(path) as tmp:
-        _save_pretrained(tmp, model, tokenizer)
-        write_manifest(tmp)
+    """The model (and tokenizer) in ``save_pretrained`` form with a manifest, written atomically; a failed write
+    raises ``CheckpointWriteError`` and leaves nothing at ``path``."""
+    try:
+        with atomic_directory(path) as tmp:
+            _save_pretrained(tmp, model, tokenizer)
+            write_manifest(tmp)
+    except Exception as e:  # disk full surfaces as OSError, torch's RuntimeError or a SafetensorError
+        raise CheckpointWriteError(f"model {path}: writing failed ({type(e).__name__}: {e}); nothing of it was "
+                                   "kept, and the stage's epoch checkpoints are untouched") from e
 
 
 def _save_pretrained(directory: Path, model, tokenizer) -> None:
