@@ -15,10 +15,8 @@ facts}; forget quality = KS-test p-value between the forget-split ``s`` of the m
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import hmean, ks_2samp

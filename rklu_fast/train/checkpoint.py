@@ -81,7 +81,7 @@ def atomic_directory(path: str | Path):
 
 def save_model(path: str | Path, model, tokenizer=None) -> None:
     """The model (and tokenizer) in ``save_pretrained`` form with a manifest, written atomically; a failed write
-    raises ``CheckpointWriteError`` and leaves nothing at ``path``."""
+    raises ``CheckpointWriteError`` and leaves ``path`` as it was."""
     try:
         with atomic_directory(path) as tmp:
             _save_pretrained(tmp, model, tokenizer)
