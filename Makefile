@@ -26,7 +26,11 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/rklu run --config configs/tiny-tofu.yaml
 
+# ruff (rules in pyproject.toml), then the wheel check (a wheel installed into a fresh venv and run from outside the
+# repository: .ci/wheel_check.sh), then pytest, whose summary stays the last line.
 test: install
+	$(VENV)/bin/ruff check .
+	bash .ci/wheel_check.sh $(PY)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench-cpu: install

@@ -31,7 +31,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # rklu_fast from this checkout when not installed
 import rklu_fast  # noqa: E402
-from rklu_fast.data.collate import collate  # noqa: E402
+from rklu_fast.data.collate import collate, to_device  # noqa: E402
 from rklu_fast.train.lowmem import build_optimizer, set_gradient_checkpointing  # noqa: E402
 from rklu_fast.train.teacher_cache import (CacheKey, CachedTeacher, build_forget_cache,  # noqa: E402
                                            model_logits_fn, place_cache)
@@ -91,7 +91,8 @@ class Run:
         _, _, plan, self.seq, self.micro, self.batch = ARCHS[arch]
         self.plan = plan | ({"update": update} if update else {})
         self.device, self.mode, self.backend = device, mode, {"eager": "torch", "fused": "auto"}[kernel]
-        self.examples = make_examples(n_examples, self.seq, ARCHS[arch][1]["vocab_size"], seed)
+        self.examples = [dict(e, index=i) for i, e in
+                         enumerate(make_examples(n_examples, self.seq, ARCHS[arch][1]["vocab_size"], seed))]
         self.cache_build_s = None
         self.cache_bytes = None
         original, augmented = make_model(arch, device, seed), make_model(arch, device, seed + 1)
@@ -109,7 +110,8 @@ class Run:
             sync(device)
             self.cache_build_s = time.perf_counter() - t0
             self.cache_bytes = cache.nbytes()
-            self.teacher, self.rows = CachedTeacher(cache, self.examples).logits, "valid"
+            cached = CachedTeacher(cache, self.examples)
+            self.teacher, self.rows = (lambda batch: cached.rows(batch)[:2]), "valid"
             del original, augmented  # the point of the cache: the teacher models leave the GPU
             gc.collect()
         self.student = make_model(arch, device, seed)
@@ -121,7 +123,7 @@ class Run:
     def batches(self, step: int) -> list[dict]:
         n = len(self.examples)
         chosen = [self.examples[(step * self.batch + i) % n] for i in range(self.batch)]
-        return [{k: v.to(self.device) for k, v in collate(chosen[i:i + self.micro], 0).items()}
+        return [to_device(collate(chosen[i:i + self.micro], 0), self.device)
                 for i in range(0, self.batch, self.micro)]
 
     def teacher_rows(self, batch):

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                        help="stop after N optimizer steps of the first stage that trains, as if killed (testing)")
         p.set_defaults(stages=_STAGES[name])
+    methods = sub.add_parser("methods", help="list the unlearning methods (unlearn.method=...) and their papers",
+                             description="The unlearning methods of unlearn.method, one line each, with their paper.")
+    methods.set_defaults(func=_list_methods)
+    from rklu_fast.experiments.cli import register as register_experiments
+
+    register_experiments(sub)
     try:
         from rklu_fast.eval.cli import register
     except ImportError:
@@ -54,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         register(sub)
     return parser
+
+
+def _list_methods(args) -> int:
+    from rklu_fast.train.methods import describe
+
+    for name, summary, paper in describe():
+        print(f"{name:8} {summary}\n{'':8} {paper}")
+    print("\nretain terms (unlearn.retain_term): RT (NLL on the retain set), KL (forward KL to the original), none")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

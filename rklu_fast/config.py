@@ -39,7 +39,7 @@ def _yaml_load(text: str):
 def _optim(epochs: float, lr: float) -> dict:
     # The paper's defaults (and TOFU's): AdamW, wd 0.01, effective batch 32, linear warm-up over the first epoch,
     # then linear decay; HF Trainer's default gradient clipping at 1.0, which TOFU's runs used.
-    return {"epochs": epochs, "lr": lr, "weight_decay": 0.01, "batch_size": 32, "micro_batch_size": 4,
+    return {"epochs": float(epochs), "lr": lr, "weight_decay": 0.01, "batch_size": 32, "micro_batch_size": 4,
             "warmup_epochs": 1.0, "max_grad_norm": 1.0,
             # memory options (docs/memory-and-scale.md): adamw | adamw_bf16 (bf16 weights: model.dtype=bfloat16)
             # | adamw_8bit; bf16_update: kahan | stochastic (how adamw_bf16 lands small updates)
@@ -74,9 +74,13 @@ DEFAULTS: dict = {
     "finetune": {"original": None, "oracle": None, "make_oracle": True, **_optim(5, 1e-5)},
     # Stage 2: the augmented model: the original fine-tuned further on the forget set.
     "augment": {"model": None, **_optim(10, 1e-5)},
-    # Stage 3: the student starts from the original and is distilled from the teacher l_o - alpha*relu(l_aug - l_o).
+    # Stage 3: the student starts from the original and trains with `method` (`rklu methods` lists them; RKLU
+    # distils from the teacher l_o - alpha*relu(l_aug - l_o)). beta/delta/forget_weight: null = the method's
+    # default (docs/methods.md); refusals: the IDK/DPO refusal file (null: TOFU's idontknow.jsonl);
+    # retain_kl_positions: answer | all (TOFU's code); dpo_form: tofu | open-unlearning (x 2/beta).
     "unlearn": {"method": "rklu", "alpha": 8.0, "retain_term": "RT", "retain_weight": 1.0, "backend": "auto",
-                **_optim(10, 1e-5)},
+                "beta": None, "delta": None, "forget_weight": None, "refusals": None,
+                "retain_kl_positions": "answer", "dpo_form": "tofu", **_optim(10, 1e-5)},
     # Teacher source of `unlearn` (docs/memory-and-scale.md): online (both models run every step) | cached (one
     # forward over the forget set, then the models are freed) | auto (cached when it fits in half the free host
     # memory, or when cache_dir is set). cache_dir: memory-map the cache there (reused if it matches the run).
@@ -93,21 +97,28 @@ DEFAULTS: dict = {
     # of the unlearning student at every epoch boundary (docs/evaluation.md) on the first ds_size rows per split
     # (TOFU: 300), data from source (null: the default TOFU folder); max_new_tokens caps generations (null: TOFU's
     # max_length-200 rule); forget quality compares with the oracle when the run has one.
+    # `rklu experiment ...` settings (rklu_fast/experiments/); a free-form mapping the stages never read.
+    "experiment": None,
     "eval": {"max_examples": 200, "every_epoch": False, "ds_size": 300, "batch_size": 16, "max_new_tokens": None,
              "source": None},
 }
+# Keys whose default is null (the method's default) but that take a number when set.
+_OPTIONAL_NUMBERS = {("unlearn", "beta"), ("unlearn", "delta"), ("unlearn", "forget_weight")}
+# Keys whose default is null but that take a string (a path) when set.
+_OPTIONAL_STRINGS = {("unlearn", "refusals")}
 # Keys that may be set to null (off) although their default is a number.
 _NULLABLE = {"max_grad_norm", "max_examples", "retain"}
 # Keys whose value is a free-form mapping (not checked key by key).
-_FREE = {("model", "random_init")}
+_FREE = {("model", "random_init"), ("experiment",)}
 # Keys that take a string or a list of strings.
 _STR_OR_LIST = {("lora", "target_modules")}
 _CHOICES = {
     ("precision",): ("bf16", "fp16", "no"),
     ("model", "template"): ("llama2", "phi", "plain"),
     ("data", "kind"): ("tofu", "text"),
-    ("unlearn", "method"): ("rklu", "fklu"),
     ("unlearn", "retain_term"): ("RT", "KL", "none"),
+    ("unlearn", "retain_kl_positions"): ("answer", "all"),
+    ("unlearn", "dpo_form"): ("tofu", "open-unlearning"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("teacher", "mode"): ("auto", "online", "cached"),
     **{(stage, "optimizer"): ("adamw", "adamw_bf16", "adamw_8bit") for stage in ("finetune", "augment", "unlearn")},
@@ -158,6 +169,11 @@ def _check_types(config: dict, defaults: dict, prefix: tuple = ()) -> None:
             continue
         if path in _FREE and value is not None and not isinstance(value, dict):
             raise ConfigError(f"{name}: must be a mapping or null, got {value!r}")
+        if path in _OPTIONAL_NUMBERS and value is not None and (isinstance(value, bool)
+                                                                or not isinstance(value, (int, float))):
+            raise ConfigError(f"{name}: must be a number or null (the method's default), got {value!r}")
+        if path in _OPTIONAL_STRINGS and value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name}: must be a path or null, got {value!r}")
         if default is None or (value is None and key in _NULLABLE):
             continue
         if path in _STR_OR_LIST:
@@ -217,8 +233,23 @@ def _check_values(c: dict) -> None:
     threads = c["threads"]
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads: must be a positive int or null, got {threads!r}")
-    if c["unlearn"]["alpha"] < 0:
-        raise ConfigError(f"unlearn.alpha: must be ≥ 0, got {c['unlearn']['alpha']!r}")
+    u = c["unlearn"]
+    from rklu_fast.train.methods import METHODS  # the registry (imported here: torch is heavy for `rklu --help`)
+
+    if u["method"] not in METHODS:
+        raise ConfigError(f"unlearn.method: unknown method {u['method']!r}; choose one of {list(METHODS)} "
+                          "(`rklu methods` describes them)")
+    if u["alpha"] < 0:
+        raise ConfigError(f"unlearn.alpha: must be ≥ 0, got {u['alpha']!r}")
+    if u["beta"] is not None and u["beta"] <= 0:
+        raise ConfigError(f"unlearn.beta: must be > 0, got {u['beta']!r}")
+    if u["forget_weight"] is not None and u["forget_weight"] < 0:
+        raise ConfigError(f"unlearn.forget_weight: must be ≥ 0, got {u['forget_weight']!r}")
+    if u["retain_weight"] < 0:
+        raise ConfigError(f"unlearn.retain_weight: must be ≥ 0, got {u['retain_weight']!r}")
+    if "refusals" in METHODS[u["method"]].uses and c["data"]["kind"] != "tofu":
+        raise ConfigError(f"unlearn.method: {u['method']!r} pairs forget questions with refusals; it needs "
+                          "data.kind tofu (question-answer pairs)")
     ev = c["eval"]
     for key in ("ds_size", "batch_size", "max_new_tokens"):
         if ev[key] is not None and (isinstance(ev[key], bool) or not isinstance(ev[key], int) or ev[key] < 1):

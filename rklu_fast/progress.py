@@ -48,8 +48,7 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         self._write_if_due()
         self.n += n
-        percent = lambda k: 100.0 * k / self.total if self.total else 100.0  # noqa: E731
-        crossed = int(percent(self.n) // self.every_percent) > int(percent(self._last_n) // self.every_percent)
+        crossed = self._mark(self.n) > self._mark(self._last_n)
         self._due = crossed or time.monotonic() - self._last_time >= self.every_seconds
 
     def set_postfix(self, ordered_dict=None, refresh: bool = True, **values) -> None:
@@ -75,6 +74,10 @@ class LineProgress:
         if self.postfix:
             parts.append(" ".join(f"{k}={v}" for k, v in self.postfix.items()))
         return (f"{self.desc}: " if self.desc else "") + ", ".join(parts)
+
+    def _mark(self, n: int) -> int:
+        """How many ``every_percent`` marks ``n`` steps have passed."""
+        return int((100.0 * n / self.total if self.total else 100.0) // self.every_percent)
 
     def _write_if_due(self) -> None:
         if not self._due:

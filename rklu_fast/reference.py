@@ -4,7 +4,7 @@
   the tests compare every backend with, and what `torch.autograd.gradcheck` checks.
 * `kl_fwd` / `kl_scale_grad_` are the `torch` backend of the kernel contract (docs/kernel-contract.md): they
   materialise `[N, V]` temporaries, compute the loss from the row statistics of `rklu_fast.row_stats` and write
-  the analytical gradient, in float64 for float64 inputs and float32 otherwise.
+  the analytical gradient, in float64 when any input is float64 and float32 otherwise.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 def kl_fwd(student: torch.Tensor, original: torch.Tensor, augmented: Optional[torch.Tensor],
            teacher_row: torch.Tensor, grad_scale: torch.Tensor, alpha: float, inv_temperature: float,
            reverse: bool, compute_grad: bool):
-    """Contract `kl_fwd`: per-row loss (fp32 `[N]`) and `grad_scale·∂loss_row/∂student` (student dtype) or `[0]`."""
+    """Contract `kl_fwd`: per-row loss (`[N]`, grad_scale's dtype) and `grad_scale·∂loss_row/∂student` (student
+    dtype) or `[0]`."""
     n, v = student.shape
     dtype = _compute_dtype(student, original, augmented)
     valid = teacher_row >= 0
@@ -78,7 +79,7 @@ def kl_fwd(student: torch.Tensor, original: torch.Tensor, augmented: Optional[to
         b = t.to(dtype) * inv_temperature
     stats = partial_stats(a, b)
     kl = kl_from_stats(stats, reverse)
-    loss_rows = torch.where(valid, kl, 0).to(torch.float32)
+    loss_rows = torch.where(valid, kl, 0).to(grad_scale.dtype)
     if not compute_grad:
         return loss_rows, student.new_empty(0)
     m_s, s_s = stats.m_s.unsqueeze(-1), stats.s_s.unsqueeze(-1)
@@ -99,7 +100,7 @@ def kl_fwd(student: torch.Tensor, original: torch.Tensor, augmented: Optional[to
 
 def kl_scale_grad_(grad: torch.Tensor, applied: torch.Tensor, grad_output_rows: torch.Tensor) -> None:
     """Contract `kl_scale_grad_`: rescale each row of `grad` from `applied[r]` to `grad_output_rows[r]` in place."""
-    g = grad_output_rows.to(torch.float32)
+    g = grad_output_rows.to(applied.dtype)
     ratio = torch.where(g != applied, g / applied, 1.0)  # exactly 1 where nothing changes: bitwise stable
-    grad.copy_(grad.to(torch.promote_types(grad.dtype, torch.float32)) * ratio.unsqueeze(-1))
+    grad.copy_(grad.to(torch.promote_types(grad.dtype, ratio.dtype)) * ratio.unsqueeze(-1))
     applied.copy_(g)

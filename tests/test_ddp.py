@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rklu_fast.train.sampling import loss_scale, num_answer_tokens, rank_slice
+from rklu_fast.data.collate import count_targets
+from rklu_fast.train.sampling import loss_scale, rank_slice
 
 N_EXAMPLES, BATCH, MICRO, VOCAB = 16, 8, 2, 64
 
@@ -48,9 +49,9 @@ class _Counting:
     def __getattr__(self, name):
         return getattr(self.method, name)
 
-    def loss(self, logits, batch, teacher, num_items):
-        self.seen += len(batch["input_ids"])
-        return self.method.loss(logits, batch, teacher, num_items)
+    def loss(self, student, batch, frozen, counts, want_stats=False):
+        self.seen += len(batch["forget"]["input_ids"])
+        return self.method.loss(student, batch, frozen, counts, want_stats)
 
 
 def _run(out_dir: str) -> None:
@@ -58,6 +59,7 @@ def _run(out_dir: str) -> None:
     from accelerate import Accelerator
 
     from rklu_fast.train import loop
+    from rklu_fast.train.frozen import Frozen
     from rklu_fast.train.methods import make_method, make_retain_term
     from rklu_fast.train.teacher import OnlineTeacher
 
@@ -68,7 +70,7 @@ def _run(out_dir: str) -> None:
     examples = _examples()
     method = _Counting(make_method("rklu", alpha=8.0, backend="torch"))
     loop.train(student, _Tokenizer(), method, examples, stage, out_dir,
-               accelerator, teacher=OnlineTeacher(original, augmented), retain_examples=examples[::-1],
+               accelerator, frozen=Frozen(teacher=OnlineTeacher(original, augmented)), retain_examples=examples[::-1],
                retain_term=make_retain_term("RT"), seed=3, tensorboard=False)
     with open(os.path.join(out_dir, f"seen-rank{accelerator.process_index}.json"), "w") as f:
         json.dump(method.seen, f)
@@ -120,7 +122,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
 
 def test_rank_shares_reproduce_the_single_process_step():
     """What the ranks compute from their slices — each rank's gradient of ``loss_scale(W) · (token NLL summed over
-    its share) / num_answer_tokens(whole step)``, averaged over ranks as DDP does — is the gradient of one process's
+    its share) / count_targets(whole step)``, averaged over ranks as DDP does — is the gradient of one process's
     mean token NLL over the whole step, with torch's ``cross_entropy(reduction="mean")`` on the padded, shifted
     batch as the independent reference; and the slices are the step's examples, in order, each once."""
     seed = int(torch.seed() % 2**31)
@@ -150,7 +152,7 @@ def test_rank_shares_reproduce_the_single_process_step():
             logits, labels = padded(share)
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
                                                     reduction="sum")
-            grads.append(torch.autograd.grad(loss_scale(world) * nll / num_answer_tokens(examples), head)[0])
+            grads.append(torch.autograd.grad(loss_scale(world) * nll / count_targets(examples), head)[0])
         torch.testing.assert_close(sum(grads) / world, expected, rtol=1e-12, atol=1e-12,
                                    msg=lambda m: f"world {world}, seed {seed}: {m}")
     with pytest.raises(ValueError, match="do not split evenly over 3"):

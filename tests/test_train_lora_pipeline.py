@@ -26,7 +26,8 @@ def lora_overrides(run_dir, original, **extra):
     r=8 on all linear layers; augment 6 epochs (12 steps), unlearn 3 epochs (6 steps)."""
     return overrides(run_dir, "llama", **{
         "finetune.original": str(original), "finetune.make_oracle": "false",
-        "lora.enabled": "true", "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.05, "augment.epochs": 6, "augment.lr": 3e-2, "unlearn.epochs": 3, "unlearn.lr": 3e-2,
+        "lora.enabled": "true", "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.05,
+        "augment.epochs": 6, "augment.lr": 3e-2, "unlearn.epochs": 3, "unlearn.lr": 3e-2,
         "log.tensorboard": "false", **extra})
 
 

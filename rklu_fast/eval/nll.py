@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rklu_fast.data.collate import IGNORE_INDEX, collate, pad_rows
+from rklu_fast.data.collate import IGNORE_INDEX, collate, pad_rows, to_device
 
 
 def _prefix_length(labels) -> int:
@@ -38,7 +38,7 @@ def _scored_nll(logits: torch.Tensor, labels: torch.Tensor, device) -> tuple[np.
 
 
 def _whole_batch(model, batch_examples: list[dict], pad_token_id: int, device):
-    batch = {k: v.to(device) for k, v in collate(batch_examples, pad_token_id).items()}
+    batch = to_device(collate(batch_examples, pad_token_id), device)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return _scored_nll(logits, batch["labels"], device)
 

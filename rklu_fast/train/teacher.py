@@ -1,11 +1,12 @@
-"""Teacher sources: where a method gets the original's and the augmented model's logits for a batch.
-
-A source has two methods, ``logits(batch) -> (original, augmented)`` and ``original_logits(batch)``, so the loop
-and the methods never care whether logits come from live models (here) or, later, from a cache on disk.
+"""The online teacher source: the original's and the augmented model's logits computed on the fly by the two frozen
+models (the paper's setting).  ``rows(batch)`` gives the ``TeacherRows`` a method feeds the loss; the cached source
+(``teacher_cache.CachedTeacher``) has the same interface.
 """
 from __future__ import annotations
 
 import torch
+
+from rklu_fast.train.frozen import TeacherRows
 
 
 def _frozen(model):
@@ -15,25 +16,23 @@ def _frozen(model):
 
 
 class OnlineTeacher:
-    """Logits computed on the fly by the two frozen models (the paper's setting): the original ``m_o`` and the
-    augmented ``m_aug`` (``None`` when only the original is needed, e.g. FT stages never build a teacher)."""
+    """Both frozen models run on every forget micro-batch; rows are all positions, shifted (``rows="all"``)."""
 
-    def __init__(self, original, augmented=None):
-        self.original = _frozen(original)
-        self.augmented = _frozen(augmented) if augmented is not None else None
+    def __init__(self, original, augmented):
+        self.original, self.augmented = _frozen(original), _frozen(augmented)
 
     @staticmethod
     @torch.no_grad()
     def _forward(model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    def original_logits(self, batch) -> torch.Tensor:
-        return self._forward(self.original, batch)
-
     def logits(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.augmented is None:
-            raise ValueError("teacher: has no augmented model; build OnlineTeacher(original, augmented)")
+        """Unshifted ``[B, T, V]`` logits of the original and the augmented model."""
         return self._forward(self.original, batch), self._forward(self.augmented, batch)
+
+    def rows(self, batch) -> TeacherRows:
+        original, augmented = self.logits(batch)
+        return TeacherRows(original[:, :-1], augmented[:, :-1], "all")
 
 
 def check_same_vocab(**models) -> None:

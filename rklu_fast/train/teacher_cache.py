@@ -26,8 +26,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from rklu_fast.data.collate import IGNORE_INDEX, collate
+from rklu_fast.data.collate import collate, num_targets, target_mask, to_device
 from rklu_fast.train.checkpoint import atomic_directory
+from rklu_fast.train.frozen import TeacherRows
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,8 +88,8 @@ class CacheKey:
 
 
 def answer_row_counts(labels: torch.Tensor) -> torch.Tensor:
-    """Per example, the number of valid teacher rows: labels[:, 1:] that are not ignored (the op never shifts)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    """Per example, the number of valid teacher rows: its counted targets (``target_mask``; the op never shifts)."""
+    return target_mask(labels).sum(dim=1)
 
 
 def model_logits_fn(original: torch.nn.Module, augmented: torch.nn.Module) -> Callable:
@@ -144,7 +145,7 @@ class TeacherCache:
                     if t.dtype != dtype or t.shape[-1] != key.vocab_size:
                         raise ValueError(f"{name} logits: {t.dtype} [..., {t.shape[-1]}] but the cache key says "
                                          f"{key.dtype} [..., {key.vocab_size}]")
-                valid = (batch["labels"][:, 1:] != IGNORE_INDEX).to(orig.device)
+                valid = target_mask(batch["labels"]).to(orig.device)
                 for j, i in enumerate(batch["index"].tolist()):
                     lo, hi = int(offsets[i]), int(offsets[i + 1])
                     if int(valid[j].sum()) != hi - lo:
@@ -216,12 +217,12 @@ def build_forget_cache(logits_fn: Callable, examples: list[dict], key: CacheKey,
                        path: str | Path | None = None) -> TeacherCache:
     """The cache of a tokenised forget set (``encode_qa``/``chunk_text`` outputs, in index order), forwarded in
     micro-batches of consecutive examples."""
-    counts = torch.tensor([sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples])
+    counts = torch.tensor([num_targets(e) for e in examples])
 
     def batches():
         for start in range(0, len(examples), micro_batch_size):
             chunk = examples[start:start + micro_batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+            batch = to_device(collate(chunk, pad_token_id), device)
             batch["index"] = torch.arange(start, start + len(chunk))
             yield batch
     return TeacherCache.build(logits_fn, batches(), len(examples), key, path=path, row_counts=counts)
@@ -230,39 +231,21 @@ def build_forget_cache(logits_fn: Callable, examples: list[dict], key: CacheKey,
 class CachedTeacher:
     """A teacher source (the interface of ``teacher.OnlineTeacher``) that reads a ``TeacherCache``.
 
-    ``logits(batch)`` returns the compact valid rows of the batch's examples, so the loss must be called with
-    ``teacher_rows="valid"`` and unsliced (``self.teacher_rows`` says so).  Examples are found by their token ids
-    (right-padded batches, as ``collate`` makes), so batches need no extra index field.  ``original``: the
-    original model, kept only when the ``KL`` retain term needs its logits on the retain set.
+    ``rows(batch)`` returns the compact valid rows of the batch's examples (``rows="valid"``), found by the batch's
+    ``index`` (``collate`` keeps each example's position in the forget set): no lookup by content, no host copy.
     """
-    teacher_rows = "valid"
 
-    def __init__(self, cache: TeacherCache, examples: list[dict], original: torch.nn.Module | None = None):
+    def __init__(self, cache: TeacherCache, examples: list[dict]):
         if len(examples) != cache.num_examples:
             raise ValueError(f"examples: {len(examples)} given, the cache holds {cache.num_examples}")
-        self.cache, self.original = cache, original
-        self._index = {tuple(map(int, e["input_ids"])): i for i, e in enumerate(examples)}
+        self.cache = cache
 
-    def _indices(self, batch: dict) -> list[int]:
-        lengths = batch["attention_mask"].sum(1).tolist()
-        out = []
-        for row, n in zip(batch["input_ids"].tolist(), lengths):
-            i = self._index.get(tuple(row[:n]))
-            if i is None:
-                raise ValueError("batch: an example is not in the teacher cache (was the cache built from this "
-                                 "forget set with this tokenizer and template?)")
-            out.append(i)
-        return out
-
-    def logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.rows(self._indices(batch), device=batch["input_ids"].device)
-
-    @torch.no_grad()
-    def original_logits(self, batch: dict) -> torch.Tensor:
-        if self.original is None:
-            raise ValueError("teacher: cached mode freed the original model; keep it (original=...) for the KL "
-                             "retain term")
-        return self.original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def rows(self, batch: dict) -> TeacherRows:
+        if "index" not in batch:
+            raise ValueError("batch: has no 'index' (collate keeps it when every example has one); the cached "
+                             "teacher finds its rows by example index")
+        original, augmented = self.cache.rows(batch["index"], device=batch["input_ids"].device)
+        return TeacherRows(original, augmented, "valid")
 
 
 def place_cache(cache: TeacherCache, device) -> TeacherCache:
@@ -283,15 +266,15 @@ def _available_host_bytes() -> int:
 
 def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Module, examples: list[dict], *,
                  template, pad_token_id: int, device, cache_dir: str | Path | None = None,
-                 keep_original: bool = False, micro_batch_size: int = 8, autocast=contextlib.nullcontext):
+                 micro_batch_size: int = 8, autocast=contextlib.nullcontext):
     """The unlearn stage's teacher source (config ``teacher.mode``).
 
     ``online``: ``OnlineTeacher`` (both models on ``device``).  ``cached``: build (or, with ``cache_dir``, load
-    and check) the cache, then keep neither model unless ``keep_original`` (the ``KL`` retain term); on a GPU the
-    cache moves to device memory when it takes at most a quarter of what is free.  ``auto``:
-    cached when the cache fits in half the free host memory or ``cache_dir`` is given, else online.  The cache is
-    built under ``autocast`` (the training loop's ``accelerator.autocast``), so it holds the logits, in the
-    dtype, that the online path would compute.
+    and check) the cache; the source then holds neither model (the caller may free them); on a GPU the cache
+    moves to device memory when it takes at most a quarter of what is free.  ``auto``: cached when the cache
+    fits in half the free host memory or ``cache_dir`` is given, else online.  The cache is built under
+    ``autocast`` (the training loop's ``accelerator.autocast``), so it holds the logits, in the dtype, that the
+    online path would compute.
     """
     from rklu_fast.train.teacher import OnlineTeacher
 
@@ -303,10 +286,10 @@ def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Modul
     def under_autocast(batch):
         with autocast():
             return logits_fn(batch)
-    probe = {k: v.to(device) for k, v in collate(examples[:1], pad_token_id).items()}
+    probe = to_device(collate(examples[:1], pad_token_id), device)
     dtype = under_autocast(probe)[0].dtype
     vocab = original.config.vocab_size
-    rows = sum(sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples)
+    rows = sum(num_targets(e) for e in examples)
     nbytes = 2 * rows * vocab * dtype.itemsize
     if mode == "auto":
         mode = "cached" if cache_dir is not None or nbytes <= _available_host_bytes() // 2 else "online"
@@ -320,4 +303,4 @@ def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Modul
     else:
         cache = build_forget_cache(under_autocast, examples, key, pad_token_id=pad_token_id,
                                    micro_batch_size=micro_batch_size, device=device, path=cache_dir)
-    return CachedTeacher(place_cache(cache, device), examples, original=original if keep_original else None)
+    return CachedTeacher(place_cache(cache, device), examples)
