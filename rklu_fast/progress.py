@@ -31,9 +31,8 @@ def _is_terminal(stream) -> bool:
 
 
 class LineProgress:
-    """``desc: n/total units (p%), rate, elapsed, ETA, postfix`` lines.  A line falls due on ``update``; it is
-    written at the following ``set_postfix`` (so it shows that step's values), or at the next ``update``/``close``
-    if no postfix comes."""
+    """``desc: n/total units (p%), rate, elapsed, ETA, postfix`` lines, written by ``update`` when one is due (with
+    the latest ``set_postfix`` values: set them before the ``update`` of their step), and by ``close``."""
 
     def __init__(self, total: int, *, initial: int = 0, desc: str = "", unit: str = "it", stream=None,
                  every_percent: float = 10.0, every_seconds: float = 60.0):
@@ -43,22 +42,18 @@ class LineProgress:
         self.postfix: dict = {}
         self._start = self._last_time = time.monotonic()
         self._last_n = initial
-        self._due = False
 
     def update(self, n: int = 1) -> None:
-        self._write_if_due()
         self.n += n
-        crossed = self._mark(self.n) > self._mark(self._last_n)
-        self._due = crossed or time.monotonic() - self._last_time >= self.every_seconds
+        if self._mark(self.n) > self._mark(self._last_n) or time.monotonic() - self._last_time >= self.every_seconds:
+            self._write()
 
     def set_postfix(self, ordered_dict=None, refresh: bool = True, **values) -> None:
         self.postfix = {**(ordered_dict or {}), **values}
-        self._write_if_due()
 
     def close(self) -> None:
         if self.n != self._last_n:
-            self._due = True
-        self._write_if_due()
+            self._write()
 
     def line(self) -> str:
         elapsed = time.monotonic() - self._start
@@ -79,8 +74,6 @@ class LineProgress:
         """How many ``every_percent`` marks ``n`` steps have passed."""
         return int((100.0 * n / self.total if self.total else 100.0) // self.every_percent)
 
-    def _write_if_due(self) -> None:
-        if not self._due:
-            return
+    def _write(self) -> None:
         print(self.line(), file=self.stream, flush=True)
-        self._due, self._last_n, self._last_time = False, self.n, time.monotonic()
+        self._last_n, self._last_time = self.n, time.monotonic()

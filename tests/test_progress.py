@@ -10,9 +10,10 @@ from rklu_fast.progress import LineProgress, progress
 
 
 def _drive(bar, steps):
+    """As the training loop does: the step's values, then the step."""
     for i in range(steps):
-        bar.update(1)
         bar.set_postfix(loss=f"{i / 10:.4f}")
+        bar.update(1)
     bar.close()
 
 
@@ -25,7 +26,7 @@ def test_not_a_terminal_gives_one_plain_line_per_tenth():
     assert "\r" not in text
     lines = text.splitlines()
     assert len(lines) == 10  # at 4, 8, …, 40 of 40 steps
-    # each line shows the step it reports and that step's postfix (set after the update)
+    # each line shows the step it reports and that step's values
     for k, line in enumerate(lines, 1):
         assert line.startswith(f"unlearned: {4 * k}/40 steps ({10 * k}%)"), line
         assert line.endswith(f"loss={(4 * k - 1) / 10:.4f}"), line
@@ -46,13 +47,13 @@ def test_a_line_every_few_seconds_between_percent_marks(monkeypatch):
     bar = progress(total=1000, desc="x", unit="step", stream=out, every_percent=50, every_seconds=30)
     for _ in range(5):
         clock[0] += 20.0  # 20 s per step: a line every second step (≥ 30 s), none for the percent marks yet
-        bar.update(1)
         bar.set_postfix(loss=1)
+        bar.update(1)
     assert [line.split(" ")[1] for line in out.getvalue().splitlines()] == ["2/1000", "4/1000"]
     assert "ETA" in out.getvalue() and "20 s/step" in out.getvalue()
 
 
-def test_close_without_postfix_still_prints_and_disable_prints_nothing():
+def test_without_postfix_and_disabled():
     out = io.StringIO()
     bar = progress(total=3, desc="x", unit="step", stream=out)
     for _ in range(3):
