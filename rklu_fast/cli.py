@@ -7,6 +7,7 @@ Subcommands: finetune, augment, unlearn, run (all three, then the before/after s
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from rklu_fast.config import ConfigError, load_config
@@ -73,10 +74,25 @@ def _list_methods(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not hasattr(args, "stages"):  # a subcommand registered by another module handles itself
-        return args.func(args) or 0
+    try:
+        if not hasattr(args, "stages"):  # a subcommand registered by another module handles itself
+            return args.func(args) or 0
+        return _run_stages(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the conventional 128 + SIGINT status, no traceback
+        hint = f"; continue with: {_resume_command(args)}" if hasattr(args, "stages") else ""
+        print(f"\nrklu: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def _resume_command(args) -> str:
+    """The command line that continues ``args``' interrupted run (its config and overrides, with --resume)."""
+    return shlex.join(["rklu", args.command, "--config", args.config, "--resume", *args.overrides])
+
+
+def _run_stages(args) -> int:
     from transformers.utils import logging as hf_logging
 
+    from rklu_fast.train.checkpoint import CheckpointError, CheckpointWriteError
     from rklu_fast.train.pipeline import Run
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would drown the stage progress bars
@@ -84,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         run = Run(config, resume=args.resume, stop_after_steps=args.stop_after_steps)
         run.preflight(args.stages)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"rklu: error: {e}", file=sys.stderr)
         return 2
     run.save_run_info()
@@ -92,9 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(config["threads"])
-    for stage in args.stages:
-        if not getattr(run, stage)():
-            return 3  # stopped early (--stop-after-steps): continue with --resume
+    try:
+        for stage in args.stages:
+            if not getattr(run, stage)():
+                return 3  # stopped early (--stop-after-steps): continue with --resume
+    except CheckpointWriteError as e:
+        print(f"rklu: error: {e}; once the cause is fixed, continue with: {_resume_command(args)}", file=sys.stderr)
+        return 1
     if "unlearn" in args.stages:
         run.summary()
     return 0

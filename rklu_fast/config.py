@@ -6,6 +6,7 @@ fails before any compute.  The resolved config is a plain nested dict and is sav
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,26 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration: raised before any compute, the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` reading every decimal float spelling as a float: PyYAML follows YAML 1.1, whose float
+    pattern needs a dot and a signed exponent, so ``1e-5`` and ``5E-3`` would stay strings.  Used for the config
+    file and the command-line overrides alike."""
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {first: [r for r in resolvers if r[0] != _FLOAT_TAG]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_FLOAT_TAG, re.compile(r"""^(?:
+      [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?    # 1.5  1.  1.5e-3  1_000.5
+    | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?          # .5  .5e-3
+    | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+                  # 1e-5  5E-3  1e5
+    | [-+]?\.(?:inf|Inf|INF) | \.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _optim(epochs: float, lr: float) -> dict:
@@ -70,7 +91,9 @@ DEFAULTS: dict = {
     # target_modules: all-linear or a list of module names (q_proj, v_proj, ...); merge: also write <role>/merged/.
     "lora": {"enabled": False, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "merge": False},
     "log": {"every": 1, "tensorboard": True},
-    "checkpoint": {"keep_last": 1},  # epoch checkpoints kept per stage (the final model is always kept)
+    # keep_last: intact epoch checkpoints kept per stage (the final model is always kept); with 2, a damaged latest
+    # one still leaves one to resume from.  1 halves the disk a 7B run needs (≈ 40 GB per full checkpoint).
+    "checkpoint": {"keep_last": 2},
     # max_examples: examples per set for the before/after answer-probability summary.  every_epoch: TOFU metrics
     # of the unlearning student at every epoch boundary (docs/evaluation.md) on the first ds_size rows per split
     # (TOFU: 300), data from source (null: the default TOFU folder); max_new_tokens caps generations (null: TOFU's
@@ -122,7 +145,10 @@ def _set_dotted(config: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value, e.g. unlearn.epochs=2")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = _yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML: {e}") from None
     update: dict = {}
     node = update
     parts = key.strip().split(".")
@@ -130,6 +156,9 @@ def _set_dotted(config: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     _merge(config, update)
+
+
+_KIND = {int: "an integer (e.g. 2, not 2.0)", bool: "true or false", str: "a string"}
 
 
 def _check_types(config: dict, defaults: dict, prefix: tuple = ()) -> None:
@@ -155,7 +184,7 @@ def _check_types(config: dict, defaults: dict, prefix: tuple = ()) -> None:
             continue
         expected = (int, float) if isinstance(default, float) else type(default)
         if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
-            raise ConfigError(f"{name}: must be {getattr(expected, '__name__', 'a number')}, got {value!r}")
+            raise ConfigError(f"{name}: must be {_KIND.get(expected, 'a number')}, got {value!r}")
         if path in _CHOICES and value not in _CHOICES[path]:
             raise ConfigError(f"{name}: must be one of {list(_CHOICES[path])}, got {value!r}")
 
@@ -199,6 +228,9 @@ def _check_values(c: dict) -> None:
     if c["data"]["retain"] is None and c["unlearn"]["retain_term"] != "none":
         raise ConfigError(f"unlearn.retain_term: {c['unlearn']['retain_term']!r} needs data.retain; "
                           "set unlearn.retain_term=none or give a retain split")
+    keep = c["checkpoint"]["keep_last"]
+    if keep < 1:
+        raise ConfigError(f"checkpoint.keep_last: must be ≥ 1 (1 keeps only the latest epoch checkpoint), got {keep!r}")
     threads = c["threads"]
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads: must be a positive int or null, got {threads!r}")
@@ -254,7 +286,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not path.is_file():
             raise FileNotFoundError(f"config: no such file {str(path)!r}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
         _merge(config, data)

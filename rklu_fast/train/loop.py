@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from rklu_fast.data.collate import collate, count_targets, to_device
+from rklu_fast.progress import progress
 from rklu_fast.train import checkpoint
 from rklu_fast.train.lowmem import build_optimizer, parameter_groups, set_gradient_checkpointing
 from rklu_fast.train.methods.base import StepCounts
@@ -223,8 +223,8 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
 
     epoch_boundary(start)
 
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               disable=not accelerator.is_main_process)
+    bar = progress(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+                   disable=not accelerator.is_main_process)
     for step in range(start, total):
         t0 = time.perf_counter()
         done = step + 1

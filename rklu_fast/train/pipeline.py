@@ -55,6 +55,7 @@ class Run:
         self.stopped = False
         self.stages: tuple[str, ...] = ()
         self.refusals: list[str] | None = None
+        self._resume_points: dict = {}  # role → verified checkpoint to resume from (checkpoint.resume_point)
 
     # ------------------------------------------------------------------ checks before any compute
     def preflight(self, stages: tuple[str, ...]) -> None:
@@ -74,6 +75,8 @@ class Run:
             if ckpts and not (self.dir / role / "model").is_dir() and not self.resume:
                 raise ConfigError(f"run_dir: the {role!r} stage in {self.dir} was interrupted at {ckpts[-1].name}; "
                                   "continue it with --resume (or use a new run_dir)")
+            if self.resume and not (self.dir / role / "model").is_dir():
+                self._resume_point(role)  # verified before any compute: damage is reported or refused now
         c = self.cfg
         given = {"finetune.original": c["finetune"]["original"], "finetune.oracle": c["finetune"]["oracle"],
                  "augment.model": c["augment"]["model"], "model.name_or_path": c["model"]["name_or_path"]}
@@ -97,6 +100,12 @@ class Run:
         if sizes and len(self.tokenizer) > min(sizes.values()):
             raise ConfigError(f"model.tokenizer: has {len(self.tokenizer)} tokens but the models' vocab size is "
                               f"{min(sizes.values())}")
+
+    def _resume_point(self, role: str):
+        """The intact checkpoint ``role`` resumes from (damaged newer ones reported), verified once per run."""
+        if role not in self._resume_points:
+            self._resume_points[role] = checkpoint.resume_point(self.dir / role / "checkpoints")
+        return self._resume_points[role]
 
     def _roles(self, stages):
         roles = []
@@ -134,10 +143,9 @@ class Run:
                 raise ConfigError(str(e)) from None
             wanted = {**self.cfg["lora"], "target_modules": targets}
         for role in self._roles(stages) if self.resume else ():
-            ckpts = checkpoint.epoch_checkpoints(self.dir / role / "checkpoints")
-            if not ckpts or (self.dir / role / "model").is_dir():
+            if (self.dir / role / "model").is_dir() or (ckpt := self._resume_point(role)) is None:
                 continue
-            saved, where = lora.saved_settings(ckpts[-1]), f"the {role!r} checkpoint {ckpts[-1]}"
+            saved, where = lora.saved_settings(ckpt), f"the {role!r} checkpoint {ckpt}"
             if saved is not None and not self._uses_lora(role):
                 raise ConfigError(f"lora.enabled: {where} holds a LoRA adapter (r={saved['r']}) but LoRA is off "
                                   "for this stage; resume with lora.enabled=true and its settings, or use a new "
@@ -278,8 +286,7 @@ class Run:
             return True
         if self.stopped:
             return False
-        ckpts = checkpoint.epoch_checkpoints(out / "checkpoints")
-        resume_from = ckpts[-1] if ckpts and self.resume else None
+        resume_from = self._resume_point(role) if self.resume else None
         if resume_from is not None:
             print(f"[rklu] {role}: resuming from {resume_from}")
         # init: a model reference, or (LoRA) a function of the checkpoint to resume that builds the model
