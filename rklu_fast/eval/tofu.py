@@ -106,6 +106,17 @@ class PreparedTask:
     seconds: float = 0.0     # time spent loading and tokenising
 
 
+def task_rows(prepared: PreparedTask, start: int, stop: int) -> PreparedTask:
+    """The rows ``[start, stop)`` of a prepared task (its encodings shared, not re-tokenised)."""
+    where = prepared.where[start:stop]
+    used = np.unique(where)
+    remap = np.full(len(prepared.examples), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return PreparedTask(prepared.task, prepared.gold[start:stop], prepared.prompts[start:stop],
+                        prepared.prompt_ids[start:stop], [prepared.examples[i] for i in used], remap[where],
+                        prepared.max_length)
+
+
 def prepare_task(tokenizer, template: Template, task: TofuTask, *, source=None, ds_size: int = DS_SIZE,
                  max_length: int = MAX_LENGTH) -> PreparedTask:
     """Load ``task``'s first ``ds_size`` rows and tokenise its QA pairs and prompts."""

@@ -2,10 +2,11 @@
 TOFU's tokenisation, losses, truth-ratio statistic, KS test, greedy generation, ROUGE-L and the leak probe).
 
 Per epoch, forward passes only (``Scorer.losses``):
-- forget split (``<forget>_perturbed``, all rows): the truth-ratio statistic ``s`` of every question, the mean
-  answer probability, and TOFU's forget truth ratio ``mean(min(s, 1/s))``;
-- forget quality: the KS-test p-value between the model's ``s`` and the oracle's, on TOFU's 300 questions and on
-  all rows (more questions make the test stricter: a p-value falls as the sample grows for the same shift);
+- forget split (``<forget>_perturbed``, TOFU's first 300 rows): the truth-ratio statistic ``s`` of every
+  question, the mean answer probability, and TOFU's forget truth ratio ``mean(min(s, 1/s))``;
+- forget quality: the KS-test p-value between the model's ``s`` and the oracle's on those 300 questions (the
+  selection rule reads it); at chosen epochs also on all rows (``Scorer.rest``: more questions make the test
+  stricter, a p-value falls as the sample grows for the same shift);
 - retain split (the first ``retain_rows`` rows of ``retain_perturbed``): mean answer probability and TOFU's retain
   truth ratio ``mean(max(0, 1 − 1/s))``.
 At chosen epochs (``Scorer.generations``): greedy ROUGE-L recall on the forget and retain rows, and the paper's
@@ -25,7 +26,7 @@ from rklu_fast.eval.aggregate import forget_quality, truth_ratio_score, truth_ra
 from rklu_fast.eval.generate import greedy_continuations, token_budgets
 from rklu_fast.eval.leak import leak_probe
 from rklu_fast.eval.rouge import rouge_scores
-from rklu_fast.eval.tofu import DS_SIZE, MAX_LENGTH, TofuTask, prepare_task, task_losses
+from rklu_fast.eval.tofu import DS_SIZE, MAX_LENGTH, TofuTask, prepare_task, task_losses, task_rows
 
 
 def utility(retain_prob: float, retain_rouge: float, retain_truth_ratio: float) -> float:
@@ -42,13 +43,15 @@ class Scorer:
                  max_new_tokens: int | None = None):
         self.tokenizer, self.template, self.batch_size = tokenizer, template, batch_size
         self.max_new_tokens = max_new_tokens
-        self.forget = prepare_task(tokenizer, template, TofuTask("forget", f"{forget_split}_perturbed",
-                                                                  "paraphrased_answer", False),
-                                   source=source, ds_size=forget_rows)
+        forget_task = TofuTask("forget", f"{forget_split}_perturbed", "paraphrased_answer", False)
+        every = prepare_task(tokenizer, template, forget_task, source=source, ds_size=forget_rows)
+        self.fq_rows = min(DS_SIZE, len(every.gold))
+        self.forget = task_rows(every, 0, self.fq_rows)                # every epoch
+        self.forget_rest = task_rows(every, self.fq_rows, len(every.gold)) if len(every.gold) > self.fq_rows \
+            else None                                                   # at chosen epochs: forget quality on all rows
         self.retain = prepare_task(tokenizer, template, TofuTask("retain", "retain_perturbed", "paraphrased_answer",
                                                                   False), source=source, ds_size=retain_rows)
         self.leak_rows = load_tofu(f"{forget_split}_perturbed", source)[:leak_rows] if leak_rows else []
-        self.fq_rows = min(DS_SIZE, len(self.forget.gold))
 
     def losses(self, model) -> dict:
         """Forward-only values (see the module docstring); ``forget_stat`` is the per-question ``s``."""
@@ -67,11 +70,23 @@ class Scorer:
                 "retain_prob": float(np.exp(-r["avg_gt_loss"]).mean()),
                 "retain_truth_ratio": truth_ratio_score(s_r, forget=False)}
 
-    def forget_quality(self, forget_stat, oracle_stat) -> dict:
-        """KS p-values against the oracle's statistics: TOFU's first 300 questions, and all rows."""
-        n = self.fq_rows
-        return {"forget_quality": forget_quality(forget_stat[:n], oracle_stat[:n]),
-                "forget_quality_all": forget_quality(forget_stat, oracle_stat)}
+    def rest(self, model) -> list[float]:
+        """``s`` of the forget rows past TOFU's 300 (empty when there are none): with ``losses``' statistic,
+        forget quality on all rows."""
+        if self.forget_rest is None:
+            return []
+        was_training = model.training
+        model.eval()
+        try:
+            f = task_losses(model, self.tokenizer, self.forget_rest, batch_size=self.batch_size)
+        finally:
+            model.train(was_training)
+        return truth_ratio_stat(f["avg_paraphrased_loss"], f["average_perturb_loss"]).tolist()
+
+    @staticmethod
+    def forget_quality(forget_stat, oracle_stat) -> float:
+        """KS p-value against the oracle's statistics over the rows given (300, or all with ``rest``)."""
+        return forget_quality(forget_stat, oracle_stat)
 
     def generations(self, model, leak: bool = True) -> dict:
         """Greedy ROUGE-L recall on forget and retain rows (TOFU's max_length rule unless ``max_new_tokens``),

@@ -233,13 +233,16 @@ class Experiment:
             model = run.load_model(run.model_path(role))
             t0 = time.perf_counter()
             values = scorer.losses(model)
-            points[role] = {"stat": values.pop("forget_stat"), **values}
+            stat = values.pop("forget_stat")
+            points[role] = {"stat": stat, "stat_all": stat + scorer.rest(model), **values}
             points[role].update(scorer.generations(model))
             points[role]["utility"] = utility(points[role]["retain_prob"], points[role]["retain_rougeL"],
                                               points[role]["retain_truth_ratio"])
             points[role]["eval_seconds"] = time.perf_counter() - t0
+        oracle = points["oracle"]
         for role in points:
-            points[role].update(scorer.forget_quality(points[role]["stat"], points["oracle"]["stat"]))
+            points[role]["forget_quality"] = scorer.forget_quality(points[role]["stat"], oracle["stat"])
+            points[role]["forget_quality_all"] = scorer.forget_quality(points[role]["stat_all"], oracle["stat_all"])
         _write_json(path, points)
         return points
 
@@ -312,8 +315,8 @@ class Experiment:
             t0 = time.perf_counter()
             values = scorer.losses(model)
             stat = values.pop("forget_stat")
-            point = {"epoch": epoch, **scorer.forget_quality(stat, ref["oracle"]["stat"]), **values,
-                     "train_seconds": t0 - last_end[0] if epoch > 0 else None}
+            point = {"epoch": epoch, "forget_quality": scorer.forget_quality(stat, ref["oracle"]["stat"]), **values,
+                     "train_seconds": t0 - last_end[0] if epoch > 0 else None, "stat": stat}
             point["eval_seconds"] = time.perf_counter() - t0
             if job["method"] not in UNTRAINED:  # the weights of each evaluated epoch, until the job picks its points
                 weights.mkdir(parents=True, exist_ok=True)
@@ -349,6 +352,7 @@ class Experiment:
                 model = base
             t0 = time.perf_counter()
             leak = job["method"] in UNTRAINED or p["epoch"] in (e_star, last)
+            p["forget_quality_all"] = scorer.forget_quality(p["stat"] + scorer.rest(model), ref["oracle"]["stat_all"])
             p.update(scorer.generations(model, leak=leak))
             p["utility"] = utility(p["retain_prob"], p["retain_rougeL"], p["retain_truth_ratio"])
             p["generation_seconds"] = time.perf_counter() - t0
@@ -361,6 +365,9 @@ class Experiment:
                   "epochs": points, "wall_seconds": time.perf_counter() - t_start,
                   "command": self.command + f" --job {job['id']}", "machine": machine(),
                   "date": date.today().isoformat()}
+        points = [{k: v for k, v in p.items() if k != "stat"} for p in points]  # the statistics stay in epochs.json
+        trained = [p for p in points if p["epoch"] >= 1]
+        result["epochs"] = points
         result["selected"] = selected_epoch(points) if trained else points[0]
         result["best_utility_above_0.05"] = best_utility_above(points) if trained else None
         _write_json(out, result)
@@ -427,7 +434,8 @@ class Experiment:
         data = {"command": self.command, "config": yaml.safe_load(Path(self.config_path).read_text()),
                 "overrides": self.overrides, "experiment": self.exp, "machine": machine(),
                 "forget_split": self.cfg["data"]["forget"],
-                "reference": {k: {kk: vv for kk, vv in v.items() if kk != "stat"} for k, v in ref.items()},
+                "reference": {k: {kk: vv for kk, vv in v.items() if kk not in ("stat", "stat_all")}
+                              for k, v in ref.items()},
                 "teacher_diagnostics": json.loads(diagnostics.read_text()) if diagnostics.is_file() else None,
                 "jobs": results}
         report.write_all(stem, data)

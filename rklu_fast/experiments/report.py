@@ -108,8 +108,9 @@ def markdown(data: dict) -> str:
         s, b = run["selected"], run.get("best_utility_above_0.05")
         best = f"{_fmt(b['utility'])} ({b['epoch']:g})" if b else "none"
         lines.append(f"| {name} | {_fmt(run['lr'], 'g')} | {_fmt(s['epoch'], 'g')} | {_fmt(s['forget_quality'])} | "
-                     f"{_fmt(s['forget_quality_all'])} | {_fmt(s.get('forget_rougeL'))} | {_fmt(s['forget_prob'])} | "
-                     f"{_fmt(s['retain_prob'])} | {_fmt(s.get('utility'))} | {_fmt(s.get('leak_rate'))} | {best} |")
+                     f"{_fmt(s.get('forget_quality_all'))} | {_fmt(s.get('forget_rougeL'))} | "
+                     f"{_fmt(s['forget_prob'])} | {_fmt(s['retain_prob'])} | {_fmt(s.get('utility'))} | "
+                     f"{_fmt(s.get('leak_rate'))} | {best} |")
     lines += ["", "## Every grid point (e* and the last epoch)", "",
               "| method | lr | seed | e* | FQ at e* | utility at e* | last epoch FQ | last epoch utility | "
               "seconds/epoch |", "|---|---|---|---|---|---|---|---|---|"]
