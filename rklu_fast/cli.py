@@ -93,6 +93,7 @@ def _run_stages(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from rklu_fast.train.checkpoint import CheckpointError, CheckpointWriteError
+    from rklu_fast.train.loop import NonFiniteError
     from rklu_fast.train.pipeline import Run
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would drown the stage progress bars
@@ -115,6 +116,9 @@ def _run_stages(args) -> int:
     except CheckpointWriteError as e:
         print(f"rklu: error: {e}; once the cause is fixed, continue with: {_resume_command(args)}", file=sys.stderr)
         return 1
+    except NonFiniteError as e:
+        print(f"rklu: error: {e}", file=sys.stderr)
+        return 4
     if "unlearn" in args.stages:
         run.summary()
     return 0

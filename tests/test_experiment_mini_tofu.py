@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import ks_2samp
 
 from rklu_fast.data import load_tofu
-from rklu_fast.experiments.report import finite
+from rklu_fast.jsonio import finite
 from rklu_fast.experiments.selection import best_grid_point, best_utility_above, selected_epoch
 from tiny_pipeline import needs_tofu, overrides, tokenizer_dir
 

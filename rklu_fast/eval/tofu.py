@@ -17,7 +17,6 @@ evaluates any number of models (evaluation after every epoch).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from rklu_fast.eval.aggregate import SECTIONS
 from rklu_fast.eval.generate import greedy_continuations, token_budgets
 from rklu_fast.eval.nll import sequence_nll
 from rklu_fast.eval.rouge import rouge_scores
+from rklu_fast.jsonio import write_json
 
 DS_SIZE = 300          # TOFU's ds_size: every split is cut to its first 300 rows
 MAX_LENGTH = 200       # TOFU's generation.max_length, also the tokenisation length of the loss inputs
@@ -244,7 +244,7 @@ def evaluate_tofu(model, tokenizer, template: Template, *, forget_split: str = "
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_log_aggregated.json").write_text(json.dumps(log, indent=1), encoding="utf-8")
+        write_json(out / "eval_log_aggregated.json", log)
         timing = {"seconds_per_split": seconds, "forget_split": forget_split, "ds_size": ds_size}
-        (out / "eval_timing.json").write_text(json.dumps(timing, indent=1), encoding="utf-8")
+        write_json(out / "eval_timing.json", timing)
     return log, seconds

@@ -33,6 +33,7 @@ from rklu_fast.config import ConfigError, load_config
 from rklu_fast.experiments import report
 from rklu_fast.experiments.evaluation import Scorer, utility
 from rklu_fast.experiments.selection import FQ_THRESHOLD, best_utility_above, selected_epoch
+from rklu_fast.jsonio import write_json
 
 DEFAULTS = {
     # the plan run when no --plan is given; `plans` may name others. An entry is "METHOD[+RETAIN]" or a mapping
@@ -76,11 +77,7 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report.finite(data), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+_write_json = write_json
 
 
 class Experiment:

@@ -3,30 +3,14 @@ plot (forget quality against utility, one point per method, the original and the
 curves.  Forget quality's axis is logarithmic below 0.05 and linear above, as in the paper's figure."""
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
 from rklu_fast.experiments.selection import FQ_THRESHOLD, best_grid_point
+from rklu_fast.jsonio import finite, write_json
 
 _LOG_DECADES_ABOVE = 2.0  # width of the linear part [0.05, 1] on the axis, in decades of the log part
-
-
-def finite(value):
-    """``value`` with every NaN/inf float replaced by None; a dict that held one gets ``"nonfinite": true``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        clean = {k: finite(v) for k, v in value.items()}
-        if any(isinstance(v, float) and not math.isfinite(v) for v in value.values()) or any(
-                isinstance(v, list) and any(isinstance(x, float) and not math.isfinite(x) for x in v)
-                for v in value.values()):
-            clean["nonfinite"] = True
-        return clean
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 
 def groups(jobs: list[dict]) -> dict[str, list[dict]]:
@@ -234,7 +218,7 @@ def write_all(stem: Path, data: dict) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     data = finite(data)
     data["seed_summary"] = seed_summary(data["jobs"])
-    Path(f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    write_json(f"{stem}.json", data)
     Path(f"{stem}.md").write_text(markdown(data), encoding="utf-8")
     if data["jobs"]:
         plot(data, Path(f"{stem}.png"))

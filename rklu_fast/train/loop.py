@@ -32,6 +32,7 @@ from rklu_fast.train import checkpoint
 from rklu_fast.train.lowmem import build_optimizer, parameter_groups, set_gradient_checkpointing
 from rklu_fast.train.methods.base import StepCounts
 from rklu_fast.train.sampling import loss_scale, rank_slice
+from rklu_fast.jsonio import dumps
 
 
 class NonFiniteError(RuntimeError):
@@ -319,7 +320,7 @@ class _Log:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in record.items():

@@ -36,6 +36,7 @@ from rklu_fast.train.methods import MethodContext, make_method, make_retain_term
 from rklu_fast.train.metrics import mean_answer_probability
 from rklu_fast.train.teacher import check_same_vocab
 from rklu_fast.train.teacher_cache import make_teacher
+from rklu_fast.jsonio import write_json
 
 ROLES = ("original", "oracle", "augmented", "unlearned")
 # Keys that say how a run executes or reports, not what it computes: a run dir may continue with other values.
@@ -498,7 +499,7 @@ class Run:
             model = self.load_model(self.model_path(role)).to(self.accelerator.device)
             result[label] = {name: mean_answer_probability(model, ex, self.tokenizer.pad_token_id)
                              for name, ex in sets.items()}
-        (self.dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(self.dir / "summary.json", result, indent=2)
         print("\nmean answer probability      " + "  ".join(f"{name:>8}" for name in sets))
         for label, role in (("before", "original"), ("after", "unlearned")):
             print(f"{label:>6} unlearning ({role:>9})  " + "  ".join(f"{result[label][k]:8.4f}" for k in sets))
