@@ -85,7 +85,9 @@ DEFAULTS: dict = {
     # Teacher source of `unlearn` (docs/memory-and-scale.md): online (both models run every step) | cached (one
     # forward over the forget set, then the models are freed) | auto (cached when it fits in half the free host
     # memory, or when cache_dir is set). cache_dir: memory-map the cache there (reused if it matches the run).
-    "teacher": {"mode": "auto", "cache_dir": None},
+    # dtype: auto (the frozen models' output dtype: bf16 under bf16 precision) | float32 (their LM heads computed
+    # in fp32 and the cache stored in fp32: α multiplies the heads' bf16 rounding, docs/methods.md "Precision").
+    "teacher": {"mode": "auto", "cache_dir": None, "dtype": "auto"},
     # LoRA (docs/pipeline.md): augment trains an adapter on the original, unlearn trains the student as a second
     # adapter; original = adapters off, so one copy of the base weights serves all three. finetune stays full.
     # target_modules: all-linear or a list of module names (q_proj, v_proj, ...); merge: also write <role>/merged/.
@@ -122,6 +124,7 @@ _CHOICES = {
     ("unlearn", "dpo_form"): ("tofu", "open-unlearning"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("teacher", "mode"): ("auto", "online", "cached"),
+    ("teacher", "dtype"): ("auto", "float32"),
     **{(stage, "optimizer"): ("adamw", "adamw_bf16", "adamw_8bit") for stage in ("finetune", "augment", "unlearn")},
     **{(stage, "bf16_update"): ("kahan", "stochastic") for stage in ("finetune", "augment", "unlearn")},
 }
@@ -267,6 +270,9 @@ def _check_values(c: dict) -> None:
                               f"{list(FORGET_SPLITS)}, got kind {c['data']['kind']!r}, forget "
                               f"{c['data']['forget']!r}")
     lora = c["lora"]
+    if lora["enabled"] and c["teacher"]["dtype"] == "float32":
+        raise ConfigError("teacher.dtype: float32 heads are not available with LoRA (the frozen views share the "
+                          "student's LM head); use teacher.dtype=auto or full-parameter unlearning")
     if lora["enabled"]:
         if isinstance(lora["r"], bool) or not isinstance(lora["r"], int) or lora["r"] < 1:
             raise ConfigError(f"lora.r: must be a positive int, got {lora['r']!r}")

@@ -34,7 +34,7 @@ from rklu_fast.train import checkpoint, lora, loop
 from rklu_fast.train.frozen import Frozen, ReferenceLogProbs
 from rklu_fast.train.methods import MethodContext, make_method, make_retain_term, method_class
 from rklu_fast.train.metrics import mean_answer_probability
-from rklu_fast.train.teacher import check_same_vocab
+from rklu_fast.train.teacher import check_same_vocab, fp32_head
 from rklu_fast.train.teacher_cache import make_teacher
 from rklu_fast.jsonio import write_json
 
@@ -432,6 +432,9 @@ class Run:
         teacher = reference = None
         if "teacher" in method.needs:
             check_same_vocab(original=original, augmented=augmented)
+            if self.cfg["teacher"]["dtype"] == "float32":  # heads in fp32: the cache is then fp32 too
+                fp32_head(original)
+                fp32_head(augmented)
             teacher = make_teacher(self.cfg["teacher"]["mode"], original, augmented, forget, template=self.template,
                                    pad_token_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
                                    cache_dir=self.cfg["teacher"]["cache_dir"],

@@ -39,6 +39,25 @@ class OnlineTeacher:
         return TeacherRows(original, shifted_augmented(original, augmented, self.form), "all")
 
 
+def fp32_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a frozen model's LM head compute in fp32 whatever the weights' dtype and the autocast around it.
+
+    bf16 keeps 8 significant bits, so a logit of magnitude 16–32 is rounded by up to 0.0625; the teacher
+    ``l_o − α·relu(l_aug − l_o)`` multiplies the rounding of the difference by α (up to ≈ 1 nat at α = 8).  The
+    rounding happens in the head's output, before anything is cached, so the head itself must run in fp32: its
+    input (the last hidden state) is upcast and the head's weights are kept once in fp32 (frozen: no update)."""
+    head = model.get_output_embeddings()
+    weight = head.weight.detach().float()
+    bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
+
+    def forward(hidden):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(hidden.float(), weight.to(hidden.device), None if bias is None
+                                              else bias.to(hidden.device))
+    head.forward = forward
+    return model
+
+
 def check_same_vocab(**models) -> None:
     """Student, original and augmented must share one vocabulary: the teacher is formed token by token."""
     sizes = {name: m.config.vocab_size for name, m in models.items() if m is not None}
