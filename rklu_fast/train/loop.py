@@ -151,6 +151,34 @@ def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], mic
     return sums
 
 
+def optimizer_step(model, optimizer, method, forget_views: list[dict[str, dict]], retain_examples: list[dict],
+                   micro_batch_size: int, pad_token_id: int, accelerator, *, frozen=None, retain_term=None,
+                   retain_weight: float = 1.0, forget_weight: float = 1.0, max_norm: float = math.inf,
+                   want_stats: bool = False, step: int = 0, params=None) -> dict[str, float]:
+    """One optimizer step of the whole step's examples (every rank passes the same, keeps its share): gradients,
+    clipping, the non-finite guard, ``optimizer.step()``.  Returns the step's summed loss terms, gradient norm and
+    (with ``want_stats``) the method's statistics summed over forget sequences, read with the step's one host
+    sync (summed over ranks when ``want_stats``).  The scheduler is the caller's."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    counts = step_counts(forget_views, retain_examples, micro_batch_size, world)
+    sums = accumulate_gradients(model, method, rank_slice(forget_views, rank, world), micro_batch_size,
+                                pad_token_id, accelerator, frozen=frozen,
+                                retain_examples=rank_slice(retain_examples, rank, world), retain_term=retain_term,
+                                retain_weight=retain_weight, forget_weight=forget_weight, counts=counts,
+                                want_stats=want_stats)
+    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    keys = sorted(sums)
+    values = torch.stack([sums[k].float() for k in keys] + [torch.as_tensor(grad_norm).float()])
+    if world > 1 and want_stats:  # the whole step: losses and statistics summed over ranks
+        values = accelerator.reduce(values, "sum") / torch.tensor([1.0] * len(keys) + [world], device=values.device)
+    named = dict(zip(keys + ["grad_norm"], values.tolist()))  # the step's one host sync
+    _check_finite(named, step, method.name, retain_term, fp16=accelerator.scaler is not None)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return named
+
+
 def _sync_if(accelerator, model, sync: bool):
     return contextlib.nullcontext() if sync else accelerator.no_sync(model)
 
@@ -188,7 +216,7 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
                                 lr=stage["lr"], weight_decay=stage["weight_decay"],
                                 update=stage.get("bf16_update", "kahan"), seed=seed)
     # Multi-process (sampling.py): every rank draws the step's global batch and keeps its slice.
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if batch % (world * micro):
         raise ValueError(f"batch_size: {batch} must be divisible by processes x micro_batch_size = "
                          f"{world} x {micro}")
@@ -232,24 +260,12 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         logging_step = done % log_every == 0 or done == total
         f_views = [method.views(example, epoch) for epoch, example in forget.step(step)]
         r_examples = [example for _, example in retain.step(step)] if retain is not None else []
-        counts = step_counts(f_views, r_examples, micro, world)
-        sums = accumulate_gradients(model, method, rank_slice(f_views, rank, world), micro, pad_id, accelerator,
-                                    frozen=frozen, retain_examples=rank_slice(r_examples, rank, world),
-                                    retain_term=retain_term, retain_weight=retain_weight,
-                                    forget_weight=forget_weight, counts=counts, want_stats=logging_step)
-        grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
-        keys = sorted(sums)
-        values = torch.stack([sums[k].float() for k in keys] + [torch.as_tensor(grad_norm).float()])
-        if world > 1 and logging_step:  # the whole step: losses and statistics summed over ranks
-            values = accelerator.reduce(values, "sum") / torch.tensor([1.0] * len(keys) + [world],
-                                                                    device=values.device)
-        values = values.tolist()  # the step's one host sync
-        named = dict(zip(keys + ["grad_norm"], values))
-        _check_finite(named, done, method.name, retain_term, fp16=accelerator.scaler is not None)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        named = optimizer_step(model, optimizer, method, f_views, r_examples, micro, pad_id, accelerator,
+                               frozen=frozen, retain_term=retain_term, retain_weight=retain_weight,
+                               forget_weight=forget_weight, max_norm=max_norm, want_stats=logging_step, step=done,
+                               params=trainable)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         if logging_step:
             per_sequence = {k: v / len(f_views) for k, v in named.items()
