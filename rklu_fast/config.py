@@ -87,7 +87,9 @@ DEFAULTS: dict = {
     # memory, or when cache_dir is set). cache_dir: memory-map the cache there (reused if it matches the run).
     # dtype: auto (the frozen models' output dtype: bf16 under bf16 precision) | float32 (their LM heads computed
     # in fp32 and the cache stored in fp32: α multiplies the heads' bf16 rounding, docs/methods.md "Precision").
-    "teacher": {"mode": "auto", "cache_dir": None, "dtype": "auto"},
+    # store: combined (the cache holds the teacher l_t: half the memory, α fixed) | pair (l_o and l_aug: α sweeps
+    # reuse one cache_dir).
+    "teacher": {"mode": "auto", "cache_dir": None, "dtype": "auto", "store": "combined"},
     # LoRA (docs/pipeline.md): augment trains an adapter on the original, unlearn trains the student as a second
     # adapter; original = adapters off, so one copy of the base weights serves all three. finetune stays full.
     # target_modules: all-linear or a list of module names (q_proj, v_proj, ...); merge: also write <role>/merged/.
@@ -125,6 +127,7 @@ _CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("teacher", "mode"): ("auto", "online", "cached"),
     ("teacher", "dtype"): ("auto", "float32"),
+    ("teacher", "store"): ("combined", "pair"),
     **{(stage, "optimizer"): ("adamw", "adamw_bf16", "adamw_8bit") for stage in ("finetune", "augment", "unlearn")},
     **{(stage, "bf16_update"): ("kahan", "stochastic") for stage in ("finetune", "augment", "unlearn")},
 }

@@ -439,7 +439,8 @@ class Run:
                                    pad_token_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
                                    cache_dir=self.cfg["teacher"]["cache_dir"],
                                    micro_batch_size=self.cfg["unlearn"]["micro_batch_size"],
-                                   autocast=self.accelerator.autocast, form=self.cfg["unlearn"]["teacher_form"])
+                                   autocast=self.accelerator.autocast, form=self.cfg["unlearn"]["teacher_form"],
+                                   store=self.cfg["teacher"]["store"], alpha=self.cfg["unlearn"]["alpha"])
         if "reference" in method.needs:
             u = self.cfg["unlearn"]
             sequences = {}
