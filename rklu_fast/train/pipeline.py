@@ -41,6 +41,10 @@ from rklu_fast.jsonio import write_json
 ROLES = ("original", "oracle", "augmented", "unlearned")
 # Keys that say how a run executes or reports, not what it computes: a run dir may continue with other values.
 RUNTIME_KEYS = ("threads", "log", "experiment")
+# The roles a config section affects (others affect every role): a section may change while none of its roles
+# has written anything yet (e.g. a run dir of shared models, unlearned later with several settings).
+STAGE_ROLES = {"finetune": ("original", "oracle"), "augment": ("augmented",),
+               "unlearn": ("unlearned",), "teacher": ("unlearned",), "eval": ("unlearned",)}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,7 +70,8 @@ class Run:
         if saved.is_file():
             # keys the toolkit gained since the run started count as their defaults, not as changes
             old = _with_defaults(yaml.safe_load(saved.read_text()), DEFAULTS)
-            changed = sorted(k for k in _diff(old, self.cfg) if k.split(".")[0] not in RUNTIME_KEYS)
+            changed = sorted(k for k in _diff(old, self.cfg) if k.split(".")[0] not in RUNTIME_KEYS
+                             and self._has_outputs(STAGE_ROLES.get(k.split(".")[0], ROLES)))
             if changed:
                 raise ConfigError(f"run_dir: {self.dir} was started with a different config (changed: "
                                   f"{', '.join(changed)}); use a new run_dir or the same config")
@@ -107,6 +112,10 @@ class Run:
         if role not in self._resume_points:
             self._resume_points[role] = checkpoint.resume_point(self.dir / role / "checkpoints")
         return self._resume_points[role]
+
+    def _has_outputs(self, roles) -> bool:
+        """Whether any of ``roles`` has a final model or a checkpoint in this run dir."""
+        return any((self.dir / r / "model").is_dir() or (self.dir / r / "checkpoints").is_dir() for r in roles)
 
     def _roles(self, stages):
         roles = []
