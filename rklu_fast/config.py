@@ -97,7 +97,8 @@ DEFAULTS: dict = {
     "log": {"every": 1, "tensorboard": True},
     # keep_last: intact epoch checkpoints kept per stage (the final model is always kept); with 2, a damaged latest
     # one still leaves one to resume from.  1 halves the disk a 7B run needs (≈ 40 GB per full checkpoint).
-    "checkpoint": {"keep_last": 2},
+    # every_epoch: false writes no epoch checkpoints (a killed stage then restarts; benchmarks/whole_run.py).
+    "checkpoint": {"keep_last": 2, "every_epoch": True},
     # max_examples: examples per set for the before/after answer-probability summary.  every_epoch: TOFU metrics
     # of the unlearning student at every epoch boundary (docs/evaluation.md) on the first ds_size rows per split
     # (TOFU: 300), data from source (null: the default TOFU folder); max_new_tokens caps generations (null: TOFU's

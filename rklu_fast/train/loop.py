@@ -187,6 +187,7 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
           frozen=None, retain_examples: list[dict] | None = None, retain_term=None, retain_weight: float = 1.0,
           forget_weight: float = 1.0, seed: int = 0, resume_from: str | Path | None = None,
           stop_after_steps: int | None = None, log_every: int = 1, tensorboard: bool = True, keep_last: int = 1,
+          save_checkpoints: bool = True,
           desc: str = "train", on_epoch=None) -> bool:
     """Train ``model`` in place for one stage; epoch checkpoints go to ``out_dir/checkpoints``.
 
@@ -283,7 +284,8 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         bar.update(1)
 
         epoch = done * batch // len(forget_examples)  # completed epochs (integer arithmetic: exact boundaries)
-        if done < total and epoch > step * batch // len(forget_examples) and accelerator.is_main_process:
+        if save_checkpoints and done < total and epoch > step * batch // len(forget_examples) \
+                and accelerator.is_main_process:
             checkpoint.save_checkpoint(ckpt_dir / f"epoch-{epoch}", accelerator.unwrap_model(model), tokenizer,
                                        step=done, optimizer=optimizer, scheduler=scheduler)
             checkpoint.prune_checkpoints(ckpt_dir, keep_last)

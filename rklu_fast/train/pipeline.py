@@ -282,7 +282,10 @@ class Run:
         spec = dict(m["random_init"])
         arch = spec.pop("architecture")
         tok = self.tokenizer
-        config = AutoConfig.for_model(arch, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+        vocab = spec.pop("vocab_size", len(tok))  # an architecture's own vocabulary may exceed the tokenizer's
+        if vocab < len(tok):
+            raise ConfigError(f"model.random_init.vocab_size: {vocab} < the tokenizer's {len(tok)} tokens")
+        config = AutoConfig.for_model(arch, vocab_size=vocab, bos_token_id=tok.bos_token_id,
                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **spec)
         torch.manual_seed(self.cfg["seed"])  # the original and the oracle start from the same weights
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -308,7 +311,8 @@ class Run:
         finished = loop.train(model, self.tokenizer, method, forget, stage, out, self.accelerator,
                               seed=self.cfg["seed"], resume_from=resume_from, stop_after_steps=self.stop_after_steps,
                               log_every=self.cfg["log"]["every"], tensorboard=self.cfg["log"]["tensorboard"],
-                              keep_last=self.cfg["checkpoint"]["keep_last"], desc=role, **kwargs)
+                              keep_last=self.cfg["checkpoint"]["keep_last"],
+                              save_checkpoints=self.cfg["checkpoint"]["every_epoch"], desc=role, **kwargs)
         if not finished:
             self.stopped = True
             print(f"[rklu] {role}: stopped after {self.stop_after_steps} steps; continue with --resume")
