@@ -51,28 +51,30 @@ def _reference(ref: str | Path) -> str:
 
 class TeacherModel(torch.nn.Module):
     """The teacher of two frozen models (``original``, ``augmented``), as a causal LM (see the module docstring)."""
+    supports_beam_search = False  # ``generate`` is greedy only: the leak probe's beam search skips this model
 
     def __init__(self, original: torch.nn.Module, augmented: torch.nn.Module, alpha: float,
-                 references: tuple[str, str] | None = None):
+                 references: tuple[str, str] | None = None, form: str = "logits"):
         super().__init__()
         if original.config.vocab_size != augmented.config.vocab_size:
             raise ValueError(f"augmented: vocab size {augmented.config.vocab_size}, the original's is "
                              f"{original.config.vocab_size}; the teacher is formed token by token")
-        self.original, self.augmented, self.alpha = original, augmented, float(alpha)
+        self.original, self.augmented, self.alpha, self.form = original, augmented, float(alpha), form
         self.references = references
         self.config = original.config
         self.requires_grad_(False)
 
     @classmethod
     def from_references(cls, original: str, augmented: str, alpha: float, *, load_model=None,
-                        dtype: torch.dtype | None = None) -> "TeacherModel":
+                        dtype: torch.dtype | None = None, form: str = "logits") -> "TeacherModel":
         """Both models loaded from their references (``load_model(ref)``, default ``from_pretrained``)."""
         if load_model is None:
             from transformers import AutoModelForCausalLM
 
             def load_model(ref):
                 return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
-        return cls(load_model(original), load_model(augmented), alpha, (_reference(original), _reference(augmented)))
+        return cls(load_model(original), load_model(augmented), alpha, (_reference(original), _reference(augmented)),
+                   form)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "TeacherModel":
@@ -81,16 +83,17 @@ class TeacherModel(torch.nn.Module):
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))
             original, augmented, alpha = spec["original"], spec["augmented"], float(spec["alpha"])
+            form = spec.get("teacher_form", "logits")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a teacher manifest ({{original, augmented, alpha}}): {e}") from None
-        return cls.from_references(original, augmented, alpha, dtype=dtype)
+        return cls.from_references(original, augmented, alpha, dtype=dtype, form=form)
 
     def save_pretrained(self, directory: str | Path, **_) -> None:
         if self.references is None:
             raise ValueError("TeacherModel: built from models without references; nothing to write a manifest of")
         Path(directory).mkdir(parents=True, exist_ok=True)
         spec = {"original": self.references[0], "augmented": self.references[1], "alpha": self.alpha,
-                "formula": "l_o - alpha * relu(l_aug - l_o)"}
+                "teacher_form": self.form, "formula": "l_o - alpha * relu(l_aug - c - l_o), c by teacher_form"}
         (Path(directory) / MANIFEST).write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
 
     @property
@@ -105,7 +108,7 @@ class TeacherModel(torch.nn.Module):
             kwargs = {_cache_kwarg(model): cache} if cache is not None else {}
             outs.append(model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=use_cache, **kwargs))
-        logits = teacher_logits(outs[0].logits, outs[1].logits, self.alpha)
+        logits = teacher_logits(outs[0].logits, outs[1].logits, self.alpha, self.form)
         return TeacherOutput(logits, tuple(_cache_of(o) for o in outs) if use_cache else None)
 
     @torch.no_grad()

@@ -120,15 +120,42 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     assert any(not torch.equal(w1[k], w0[k]) for k in w1)  # it trained
 
 
-def test_rank_slices_partition_the_step():
-    items = list(range(12))
-    assert [rank_slice(items, r, 3) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-    assert rank_slice(items, 0, 1) == items
-    with pytest.raises(ValueError, match="do not split evenly over 5"):
-        rank_slice(items, 0, 5)
+def test_rank_shares_reproduce_the_single_process_step():
+    """What the ranks compute from their slices — each rank's gradient of ``loss_scale(W) · (token NLL summed over
+    its share) / count_targets(whole step)``, averaged over ranks as DDP does — is the gradient of one process's
+    mean token NLL over the whole step, with torch's ``cross_entropy(reduction="mean")`` on the padded, shifted
+    batch as the independent reference; and the slices are the step's examples, in order, each once."""
+    seed = int(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(8):  # ragged questions and answers: shares differ in their token counts
+        q, a = (int(x) for x in torch.randint(1, 9, (2,), generator=g))
+        ids = torch.randint(1, VOCAB, (q + a,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * q + ids[q:]})
+    embed = torch.randn(VOCAB, 16, generator=g, dtype=torch.float64)
+    head = torch.randn(16, VOCAB, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def padded(batch):
+        n = max(len(e["input_ids"]) for e in batch)
+        ids = torch.tensor([e["input_ids"] + [0] * (n - len(e["input_ids"])) for e in batch])
+        labels = torch.tensor([e["labels"] + [-100] * (n - len(e["labels"])) for e in batch])
+        return embed[ids] @ head, labels  # a tiny "model": logits [B, T, V]
+
+    logits, labels = padded(examples)
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+    (expected,) = torch.autograd.grad(reference, head)
+    for world in (1, 2, 4):
+        shares = [rank_slice(examples, r, world) for r in range(world)]
+        assert [e for share in shares for e in share] == examples, world
+        grads = []
+        for share in shares:
+            logits, labels = padded(share)
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                                    reduction="sum")
+            grads.append(torch.autograd.grad(loss_scale(world) * nll / count_targets(examples), head)[0])
+        torch.testing.assert_close(sum(grads) / world, expected, rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"world {world}, seed {seed}: {m}")
+    with pytest.raises(ValueError, match="do not split evenly over 3"):
+        rank_slice(examples, 0, 3)
     with pytest.raises(ValueError, match="rank: must lie in"):
-        rank_slice(items, 3, 3)
-    ex = _examples()
-    # the normaliser counts labels[1:] that are not ignored (the loss op never shifts: logits[:, :-1] vs labels[1:])
-    assert count_targets(ex[:2]) == sum(sum(t != -100 for t in e["labels"][1:]) for e in ex[:2])
-    assert loss_scale(4) == 4.0
+        rank_slice(examples, 4, 4)

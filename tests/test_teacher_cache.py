@@ -172,3 +172,47 @@ def test_make_teacher_modes_and_reuse(tmp_path):
         make_teacher("cached", augmented, augmented, examples, cache_dir=tmp_path / "c", **kw)
     with pytest.raises(ValueError, match="teacher.mode: must be one of"):
         make_teacher("sometimes", original, augmented, examples, **kw)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_combined_cache_is_the_teacher_rounded_once(tmp_path, on_disk):
+    """One tensor l_t instead of (l_o, l_aug): half the bytes; in fp32 the loss equals the pair cache's to fp32
+    rounding; in bf16 each cached teacher logit is within half a bf16 ulp of the fp32-formed teacher, and the loss
+    moves by at most 2·max|δl_t| (a shift δ of the teacher's logits moves log q by at most 2·max|δ|)."""
+    import dataclasses
+
+    seed = int(torch.seed() % 2**31)
+    original, augmented = _models(seed)
+    examples = _examples(seed)
+    pair_key = _key(original, augmented, examples)
+    combined_key = dataclasses.replace(pair_key, store="combined", alpha=8.0)
+    online = model_logits_fn(original, augmented)
+    pair = build_forget_cache(online, examples, pair_key, pad_token_id=PAD, micro_batch_size=3)
+    combined = build_forget_cache(online, examples, combined_key, pad_token_id=PAD, micro_batch_size=3,
+                                  path=tmp_path / "c" if on_disk else None)
+    assert combined.augmented is None and combined.nbytes() * 2 == pair.nbytes()
+    batch = collate(examples[2:6], PAD)
+    student = torch.randn(4, batch["input_ids"].shape[1] - 1, 80, requires_grad=True)
+    labels = batch["labels"][:, 1:]
+    o, a = pair.rows(batch["index"])
+    t, none = combined.rows(batch["index"])
+    assert none is None
+    loss_pair = rklu_fast.reverse_kl_loss(student, o, a, alpha=8.0, labels=labels, teacher_rows="valid")
+    loss_comb = rklu_fast.reverse_kl_loss(student, t, None, labels=labels, teacher_rows="valid")
+    torch.testing.assert_close(loss_comb, loss_pair, rtol=1e-6, atol=1e-6)
+    # bf16: one extra rounding of l_t, bounded
+    exact = rklu_fast.teacher_logits(o, a, 8.0)
+    bf16_key = dataclasses.replace(combined_key, dtype="bfloat16")
+    to_bf16 = lambda b: tuple(x.to(torch.bfloat16) for x in online(b))  # noqa: E731
+    bf16 = build_forget_cache(to_bf16, examples, bf16_key, pad_token_id=PAD, micro_batch_size=3)
+    t16 = bf16.rows(batch["index"])[0].float()
+    exact16 = rklu_fast.teacher_logits(o.to(torch.bfloat16), a.to(torch.bfloat16), 8.0)  # formed in fp32
+    half_ulp = torch.finfo(torch.bfloat16).eps / 2 * exact16.abs()
+    assert bool(((t16 - exact16).abs() <= half_ulp + 1e-6).all())
+    delta = (t16 - exact).abs().max()
+    loss16 = rklu_fast.reverse_kl_loss(student, t16, None, labels=labels, teacher_rows="valid")
+    assert abs(float(loss16 - loss_pair)) <= 2 * float(delta) + 1e-6
+    if on_disk:  # a combined cache for another α is stale
+        with pytest.raises(StaleTeacherCache, match="alpha: cache has 8.0, run needs 4.0"):
+            TeacherCache.load(tmp_path / "c", dataclasses.replace(combined_key, alpha=4.0))
+        assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["meta.json", "teacher.bin"]

@@ -24,14 +24,15 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from rklu_fast.data.collate import collate, count_targets, to_device
+from rklu_fast.progress import progress
 from rklu_fast.train import checkpoint
 from rklu_fast.train.lowmem import build_optimizer, parameter_groups, set_gradient_checkpointing
 from rklu_fast.train.methods.base import StepCounts
 from rklu_fast.train.sampling import loss_scale, rank_slice
+from rklu_fast.jsonio import dumps
 
 
 class NonFiniteError(RuntimeError):
@@ -74,12 +75,15 @@ def epochs_touched(num_examples: int, epochs: float, batch_size: int) -> int:
     return math.ceil(total * batch_size / num_examples)
 
 
-def step_counts(forget_views: list[dict[str, dict]], retain_examples: list[dict], micro_batch_size: int
-                ) -> StepCounts:
-    """The normalisers of one whole step (every process computes them from the whole step's examples)."""
+def step_counts(forget_views: list[dict[str, dict]], retain_examples: list[dict], micro_batch_size: int,
+                world: int = 1) -> StepCounts:
+    """The normalisers of one whole step (every process computes them from the whole step's examples).
+    ``retain_positions`` counts the padded positions of the retain micro-batches the ``world`` processes form
+    from their shares (the KL term over all positions depends on padding, as TOFU's does)."""
     names = forget_views[0].keys() if forget_views else ()
     positions = sum(len(chunk) * max(len(e["input_ids"]) for e in chunk)
-                    for chunk in _chunks(retain_examples, micro_batch_size))
+                    for r in range(world) if retain_examples
+                    for chunk in _chunks(length_grouped(rank_slice(retain_examples, r, world)), micro_batch_size))
     return StepCounts(tokens={name: count_targets([v[name] for v in forget_views]) for name in names},
                       sequences=len(forget_views), retain_tokens=count_targets(retain_examples),
                       retain_positions=positions)
@@ -87,6 +91,16 @@ def step_counts(forget_views: list[dict[str, dict]], retain_examples: list[dict]
 
 def _chunks(items: list, size: int):
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def length_grouped(items: list) -> list:
+    """The items of one step (examples, or dicts of views) sorted by length, so that each micro-batch pads to a
+    similar length: the step's sum and its normalisers do not depend on how it is split into micro-batches, only
+    the padded tokens do (stable sort: a pure function of the step's items)."""
+    def length(item):
+        views = item.values() if "input_ids" not in item else (item,)
+        return max(len(v["input_ids"]) for v in views)
+    return sorted(items, key=length)
 
 
 def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], micro_batch_size: int,
@@ -110,8 +124,8 @@ def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], mic
     def student(batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    f_chunks = _chunks(forget_views, micro_batch_size)
-    r_chunks = _chunks(retain_examples, micro_batch_size)
+    f_chunks = _chunks(length_grouped(forget_views), micro_batch_size)
+    r_chunks = _chunks(length_grouped(retain_examples), micro_batch_size)
     sums = {"forget_loss": torch.zeros((), device=device)}
     if retain_term is not None:
         sums["retain_loss"] = torch.zeros((), device=device)
@@ -137,6 +151,34 @@ def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], mic
     return sums
 
 
+def optimizer_step(model, optimizer, method, forget_views: list[dict[str, dict]], retain_examples: list[dict],
+                   micro_batch_size: int, pad_token_id: int, accelerator, *, frozen=None, retain_term=None,
+                   retain_weight: float = 1.0, forget_weight: float = 1.0, max_norm: float = math.inf,
+                   want_stats: bool = False, step: int = 0, params=None) -> dict[str, float]:
+    """One optimizer step of the whole step's examples (every rank passes the same, keeps its share): gradients,
+    clipping, the non-finite guard, ``optimizer.step()``.  Returns the step's summed loss terms, gradient norm and
+    (with ``want_stats``) the method's statistics summed over forget sequences, read with the step's one host
+    sync (summed over ranks when ``want_stats``).  The scheduler is the caller's."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    counts = step_counts(forget_views, retain_examples, micro_batch_size, world)
+    sums = accumulate_gradients(model, method, rank_slice(forget_views, rank, world), micro_batch_size,
+                                pad_token_id, accelerator, frozen=frozen,
+                                retain_examples=rank_slice(retain_examples, rank, world), retain_term=retain_term,
+                                retain_weight=retain_weight, forget_weight=forget_weight, counts=counts,
+                                want_stats=want_stats)
+    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    keys = sorted(sums)
+    values = torch.stack([sums[k].float() for k in keys] + [torch.as_tensor(grad_norm).float()])
+    if world > 1 and want_stats:  # the whole step: losses and statistics summed over ranks
+        values = accelerator.reduce(values, "sum") / torch.tensor([1.0] * len(keys) + [world], device=values.device)
+    named = dict(zip(keys + ["grad_norm"], values.tolist()))  # the step's one host sync
+    _check_finite(named, step, method.name, retain_term, fp16=accelerator.scaler is not None)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return named
+
+
 def _sync_if(accelerator, model, sync: bool):
     return contextlib.nullcontext() if sync else accelerator.no_sync(model)
 
@@ -145,6 +187,7 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
           frozen=None, retain_examples: list[dict] | None = None, retain_term=None, retain_weight: float = 1.0,
           forget_weight: float = 1.0, seed: int = 0, resume_from: str | Path | None = None,
           stop_after_steps: int | None = None, log_every: int = 1, tensorboard: bool = True, keep_last: int = 1,
+          save_checkpoints: bool = True,
           desc: str = "train", on_epoch=None) -> bool:
     """Train ``model`` in place for one stage; epoch checkpoints go to ``out_dir/checkpoints``.
 
@@ -152,9 +195,10 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
     max_grad_norm).  ``resume_from``: a checkpoint whose weights ``model`` already holds; the optimizer,
     scheduler, RNG and step are restored from it.  ``stop_after_steps``: return after that many steps of this
     stage (a simulated kill, for tests).  ``on_epoch(epoch, model)``: called on the main process at every epoch
-    boundary: before the first step (epoch 0, or the epoch resumed from), after each completed epoch, and after a
-    fractional last epoch (e.g. per-epoch evaluation, connected by the pipeline); it may switch the model to eval
-    mode and use the RNGs, both are restored.  Returns True when the stage ran to its last step; raises
+    boundary: before the first step (epoch 0, or the epoch resumed from), after each completed epoch (``epoch`` the
+    number of completed epochs, at the step that completes it), and after a fractional last epoch (e.g.
+    per-epoch evaluation, connected by the pipeline); it may switch the model to eval mode and use the RNGs, both
+    are restored.  Returns True when the stage ran to its last step; raises
     ``NonFiniteError`` (before the optimizer step, so the last checkpoint stays good) on a NaN/inf loss or
     gradient norm.
     """
@@ -173,7 +217,7 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
                                 lr=stage["lr"], weight_decay=stage["weight_decay"],
                                 update=stage.get("bf16_update", "kahan"), seed=seed)
     # Multi-process (sampling.py): every rank draws the step's global batch and keeps its slice.
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if batch % (world * micro):
         raise ValueError(f"batch_size: {batch} must be divisible by processes x micro_batch_size = "
                          f"{world} x {micro}")
@@ -196,39 +240,33 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
     def epoch_boundary(done: int) -> None:
         if on_epoch is not None and accelerator.is_main_process:
             rng = checkpoint.rng_state()  # the hook must not change what training draws next (exact resume)
-            on_epoch(round(done / steps_per_epoch, 4), accelerator.unwrap_model(model))
+            on_epoch(epoch_label(done), accelerator.unwrap_model(model))
             checkpoint.set_rng_state(rng)
             model.train()
         accelerator.wait_for_everyone()
 
+    def epoch_label(done: int) -> float:
+        """Completed epochs at an epoch boundary (an int, also when steps straddle epochs), else the fraction."""
+        whole = done * batch // len(forget_examples)
+        crossed = done == 0 or whole > (done - 1) * batch // len(forget_examples)
+        return whole if crossed else round(done / steps_per_epoch, 4)
+
     epoch_boundary(start)
 
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               disable=not accelerator.is_main_process)
+    bar = progress(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+                   disable=not accelerator.is_main_process)
     for step in range(start, total):
         t0 = time.perf_counter()
         done = step + 1
         logging_step = done % log_every == 0 or done == total
         f_views = [method.views(example, epoch) for epoch, example in forget.step(step)]
         r_examples = [example for _, example in retain.step(step)] if retain is not None else []
-        counts = step_counts(f_views, r_examples, micro)
-        sums = accumulate_gradients(model, method, rank_slice(f_views, rank, world), micro, pad_id, accelerator,
-                                    frozen=frozen, retain_examples=rank_slice(r_examples, rank, world),
-                                    retain_term=retain_term, retain_weight=retain_weight,
-                                    forget_weight=forget_weight, counts=counts, want_stats=logging_step)
-        grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
-        keys = sorted(sums)
-        values = torch.stack([sums[k].float() for k in keys] + [torch.as_tensor(grad_norm).float()])
-        if world > 1 and logging_step:  # the whole step: losses and statistics summed over ranks
-            values = accelerator.reduce(values, "sum") / torch.tensor([1.0] * len(keys) + [world],
-                                                                    device=values.device)
-        values = values.tolist()  # the step's one host sync
-        named = dict(zip(keys + ["grad_norm"], values))
-        _check_finite(named, done, method.name, retain_term, fp16=accelerator.scaler is not None)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        named = optimizer_step(model, optimizer, method, f_views, r_examples, micro, pad_id, accelerator,
+                               frozen=frozen, retain_term=retain_term, retain_weight=retain_weight,
+                               forget_weight=forget_weight, max_norm=max_norm, want_stats=logging_step, step=done,
+                               params=trainable)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         if logging_step:
             per_sequence = {k: v / len(f_views) for k, v in named.items()
@@ -246,7 +284,8 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         bar.update(1)
 
         epoch = done * batch // len(forget_examples)  # completed epochs (integer arithmetic: exact boundaries)
-        if done < total and epoch > step * batch // len(forget_examples) and accelerator.is_main_process:
+        if save_checkpoints and done < total and epoch > step * batch // len(forget_examples) \
+                and accelerator.is_main_process:
             checkpoint.save_checkpoint(ckpt_dir / f"epoch-{epoch}", accelerator.unwrap_model(model), tokenizer,
                                        step=done, optimizer=optimizer, scheduler=scheduler)
             checkpoint.prune_checkpoints(ckpt_dir, keep_last)
@@ -299,7 +338,7 @@ class _Log:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in record.items():

@@ -34,12 +34,17 @@ from rklu_fast.train import checkpoint, lora, loop
 from rklu_fast.train.frozen import Frozen, ReferenceLogProbs
 from rklu_fast.train.methods import MethodContext, make_method, make_retain_term, method_class
 from rklu_fast.train.metrics import mean_answer_probability
-from rklu_fast.train.teacher import check_same_vocab
+from rklu_fast.train.teacher import check_same_vocab, fp32_head
 from rklu_fast.train.teacher_cache import make_teacher
+from rklu_fast.jsonio import write_json
 
 ROLES = ("original", "oracle", "augmented", "unlearned")
 # Keys that say how a run executes or reports, not what it computes: a run dir may continue with other values.
 RUNTIME_KEYS = ("threads", "log", "experiment")
+# The roles a config section affects (others affect every role): a section may change while none of its roles
+# has written anything yet (e.g. a run dir of shared models, unlearned later with several settings).
+STAGE_ROLES = {"finetune": ("original", "oracle"), "augment": ("augmented",),
+               "unlearn": ("unlearned",), "teacher": ("unlearned",), "eval": ("unlearned",)}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,6 +60,7 @@ class Run:
         self.stopped = False
         self.stages: tuple[str, ...] = ()
         self.refusals: list[str] | None = None
+        self._resume_points: dict = {}  # role → verified checkpoint to resume from (checkpoint.resume_point)
 
     # ------------------------------------------------------------------ checks before any compute
     def preflight(self, stages: tuple[str, ...]) -> None:
@@ -64,7 +70,8 @@ class Run:
         if saved.is_file():
             # keys the toolkit gained since the run started count as their defaults, not as changes
             old = _with_defaults(yaml.safe_load(saved.read_text()), DEFAULTS)
-            changed = sorted(k for k in _diff(old, self.cfg) if k.split(".")[0] not in RUNTIME_KEYS)
+            changed = sorted(k for k in _diff(old, self.cfg) if k.split(".")[0] not in RUNTIME_KEYS
+                             and self._has_outputs(STAGE_ROLES.get(k.split(".")[0], ROLES)))
             if changed:
                 raise ConfigError(f"run_dir: {self.dir} was started with a different config (changed: "
                                   f"{', '.join(changed)}); use a new run_dir or the same config")
@@ -74,6 +81,8 @@ class Run:
             if ckpts and not (self.dir / role / "model").is_dir() and not self.resume:
                 raise ConfigError(f"run_dir: the {role!r} stage in {self.dir} was interrupted at {ckpts[-1].name}; "
                                   "continue it with --resume (or use a new run_dir)")
+            if self.resume and not (self.dir / role / "model").is_dir():
+                self._resume_point(role)  # verified before any compute: damage is reported or refused now
         c = self.cfg
         given = {"finetune.original": c["finetune"]["original"], "finetune.oracle": c["finetune"]["oracle"],
                  "augment.model": c["augment"]["model"], "model.name_or_path": c["model"]["name_or_path"]}
@@ -97,6 +106,16 @@ class Run:
         if sizes and len(self.tokenizer) > min(sizes.values()):
             raise ConfigError(f"model.tokenizer: has {len(self.tokenizer)} tokens but the models' vocab size is "
                               f"{min(sizes.values())}")
+
+    def _resume_point(self, role: str):
+        """The intact checkpoint ``role`` resumes from (damaged newer ones reported), verified once per run."""
+        if role not in self._resume_points:
+            self._resume_points[role] = checkpoint.resume_point(self.dir / role / "checkpoints")
+        return self._resume_points[role]
+
+    def _has_outputs(self, roles) -> bool:
+        """Whether any of ``roles`` has a final model or a checkpoint in this run dir."""
+        return any((self.dir / r / "model").is_dir() or (self.dir / r / "checkpoints").is_dir() for r in roles)
 
     def _roles(self, stages):
         roles = []
@@ -134,10 +153,9 @@ class Run:
                 raise ConfigError(str(e)) from None
             wanted = {**self.cfg["lora"], "target_modules": targets}
         for role in self._roles(stages) if self.resume else ():
-            ckpts = checkpoint.epoch_checkpoints(self.dir / role / "checkpoints")
-            if not ckpts or (self.dir / role / "model").is_dir():
+            if (self.dir / role / "model").is_dir() or (ckpt := self._resume_point(role)) is None:
                 continue
-            saved, where = lora.saved_settings(ckpts[-1]), f"the {role!r} checkpoint {ckpts[-1]}"
+            saved, where = lora.saved_settings(ckpt), f"the {role!r} checkpoint {ckpt}"
             if saved is not None and not self._uses_lora(role):
                 raise ConfigError(f"lora.enabled: {where} holds a LoRA adapter (r={saved['r']}) but LoRA is off "
                                   "for this stage; resume with lora.enabled=true and its settings, or use a new "
@@ -264,7 +282,10 @@ class Run:
         spec = dict(m["random_init"])
         arch = spec.pop("architecture")
         tok = self.tokenizer
-        config = AutoConfig.for_model(arch, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+        vocab = spec.pop("vocab_size", len(tok))  # an architecture's own vocabulary may exceed the tokenizer's
+        if vocab < len(tok):
+            raise ConfigError(f"model.random_init.vocab_size: {vocab} < the tokenizer's {len(tok)} tokens")
+        config = AutoConfig.for_model(arch, vocab_size=vocab, bos_token_id=tok.bos_token_id,
                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **spec)
         torch.manual_seed(self.cfg["seed"])  # the original and the oracle start from the same weights
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -278,8 +299,7 @@ class Run:
             return True
         if self.stopped:
             return False
-        ckpts = checkpoint.epoch_checkpoints(out / "checkpoints")
-        resume_from = ckpts[-1] if ckpts and self.resume else None
+        resume_from = self._resume_point(role) if self.resume else None
         if resume_from is not None:
             print(f"[rklu] {role}: resuming from {resume_from}")
         # init: a model reference, or (LoRA) a function of the checkpoint to resume that builds the model
@@ -291,7 +311,8 @@ class Run:
         finished = loop.train(model, self.tokenizer, method, forget, stage, out, self.accelerator,
                               seed=self.cfg["seed"], resume_from=resume_from, stop_after_steps=self.stop_after_steps,
                               log_every=self.cfg["log"]["every"], tensorboard=self.cfg["log"]["tensorboard"],
-                              keep_last=self.cfg["checkpoint"]["keep_last"], desc=role, **kwargs)
+                              keep_last=self.cfg["checkpoint"]["keep_last"],
+                              save_checkpoints=self.cfg["checkpoint"]["every_epoch"], desc=role, **kwargs)
         if not finished:
             self.stopped = True
             print(f"[rklu] {role}: stopped after {self.stop_after_steps} steps; continue with --resume")
@@ -356,17 +377,20 @@ class Run:
         max_length = self.cfg["model"]["max_length"]
         ctx = MethodContext(alpha=u["alpha"], beta=u["beta"], delta=u["delta"], forget_weight=u["forget_weight"],
                             backend=u["backend"], seed=self.cfg["seed"], dpo_form=u["dpo_form"],
+                            teacher_form=u["teacher_form"],
                             refusals=self.refusals,
                             encode=lambda q, a: encode_qa(self.tokenizer, self.template, q, a, max_length),
                             questions=[r["question"] for r in self.forget_records]
                             if self.cfg["data"]["kind"] == "tofu" else None)
         return make_method(u["method"], ctx, forget_split=self.cfg["data"]["forget"])
 
-    def unlearn(self) -> bool:
+    def unlearn(self, on_epoch=None) -> bool:
         """The student starts from the original and trains with ``unlearn.method``; the stage builds only what
         the method (and the retain term) read: the teacher (online, or a one-pass cache of the frozen models'
         forget-set logits), the original's reference log-likelihoods, the original itself for the KL term.
-        Methods that do not train (``ta``, ``teacher``) build the unlearned model from the two models."""
+        Methods that do not train (``ta``, ``teacher``) build the unlearned model from the two models.
+        ``on_epoch(epoch, model)``: a hook at every epoch boundary (default: TOFU metrics with
+        ``eval.every_epoch``; experiments pass their own)."""
         u = self.cfg["unlearn"]
         method = self.method()
         self._require("original", "finetune")
@@ -406,11 +430,13 @@ class Run:
             frozen = self._frozen(method, forget, original, augmented, keep_original)
             del original, augmented
             init = self.model_path("original")
-        on_epoch = self._epoch_evaluation() if self.cfg["eval"]["every_epoch"] else None
+        finish = on_epoch is None and self.cfg["eval"]["every_epoch"]
+        if finish:
+            on_epoch = self._epoch_evaluation()
         done = self._train_role("unlearned", init, method, forget, u, frozen=frozen, retain_examples=retain,
                                 retain_term=retain_term, retain_weight=u["retain_weight"],
                                 forget_weight=method.ctx.forget_weight, on_epoch=on_epoch)
-        if done and on_epoch is not None:
+        if done and finish and on_epoch is not None:
             print(f"[rklu] per-epoch evaluation: {on_epoch.path}, {on_epoch.finish()}")
         return done
 
@@ -419,11 +445,15 @@ class Run:
         teacher = reference = None
         if "teacher" in method.needs:
             check_same_vocab(original=original, augmented=augmented)
+            if self.cfg["teacher"]["dtype"] == "float32":  # heads in fp32: the cache is then fp32 too
+                fp32_head(original)
+                fp32_head(augmented)
             teacher = make_teacher(self.cfg["teacher"]["mode"], original, augmented, forget, template=self.template,
                                    pad_token_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
                                    cache_dir=self.cfg["teacher"]["cache_dir"],
                                    micro_batch_size=self.cfg["unlearn"]["micro_batch_size"],
-                                   autocast=self.accelerator.autocast)
+                                   autocast=self.accelerator.autocast, form=self.cfg["unlearn"]["teacher_form"],
+                                   store=self.cfg["teacher"]["store"], alpha=self.cfg["unlearn"]["alpha"])
         if "reference" in method.needs:
             u = self.cfg["unlearn"]
             sequences = {}
@@ -486,7 +516,7 @@ class Run:
             model = self.load_model(self.model_path(role)).to(self.accelerator.device)
             result[label] = {name: mean_answer_probability(model, ex, self.tokenizer.pad_token_id)
                              for name, ex in sets.items()}
-        (self.dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(self.dir / "summary.json", result, indent=2)
         print("\nmean answer probability      " + "  ".join(f"{name:>8}" for name in sets))
         for label, role in (("before", "original"), ("after", "unlearned")):
             print(f"{label:>6} unlearning ({role:>9})  " + "  ".join(f"{result[label][k]:8.4f}" for k in sets))

@@ -54,6 +54,7 @@ class MethodContext:
     encode: Callable[[str, str], dict] | None = None
     questions: list[str] | None = None
     dpo_form: str = "tofu"
+    teacher_form: str = "logits"          # the teacher's form (rklu_fast.reference.TEACHER_FORMS)
     extra: dict = field(default_factory=dict)
 
 

@@ -22,7 +22,7 @@ class RKLU(Method):
     summary = "reverse KL KL(p_θ ‖ p_t) to the teacher l_o − α·relu(l_aug − l_o) on the forget answers"
     paper = "Wang et al., RKLD: Reverse KL-Divergence-based Knowledge Distillation for Unlearning, NAACL 2025"
     needs = frozenset({"teacher"})
-    uses = ("alpha",)
+    uses = ("alpha", "teacher_form")
     reverse = True
 
     def loss(self, student, batch, frozen, counts: StepCounts, want_stats=False):

@@ -12,9 +12,10 @@ class Teacher(Method):
     paper = "Wang et al., NAACL 2025 (the teacher the student distils from)"
     needs = frozenset({"augmented"})
     trains = False
-    uses = ("alpha",)
+    uses = ("alpha", "teacher_form")
 
     def build(self, original_ref, augmented_ref, load_model):
         from rklu_fast.teacher_model import TeacherModel
 
-        return TeacherModel.from_references(original_ref, augmented_ref, self.ctx.alpha, load_model=load_model)
+        return TeacherModel.from_references(original_ref, augmented_ref, self.ctx.alpha, load_model=load_model,
+                                            form=self.ctx.teacher_form)
