@@ -90,6 +90,8 @@ def _trainer_run(out_dir, teacher="online", micro=MICRO, accum=ACCUM, **kw):
     ``UnlearningTrainer.train()``."""
     student, original, augmented = _models()
     frozen = {"original": original, "augmented": augmented, "teacher_mode": "online"}
+    if teacher == "combined":  # the trainer builds the toolkit's default cache: the teacher l_t itself
+        frozen.update(teacher_mode="cached", teacher_store="combined")
     if teacher == "cached":
         key = CacheKey("original", "augmented", data_fingerprint(_data().forget), "none", "float32", VOCAB)
         cache = build_forget_cache(model_logits_fn(original, augmented), _data().forget, key, pad_token_id=0)
@@ -158,10 +160,12 @@ def test_trainer_steps_equal_the_toolkit_loop(one_process, reference):
     _assert_same_run(one_process, reference)
 
 
-@pytest.mark.parametrize("variant", ["cached-teacher", "gradient-checkpointing"])
+@pytest.mark.parametrize("variant", ["cached-teacher", "combined-cache", "gradient-checkpointing"])
 def test_trainer_variants_equal_the_toolkit_loop(variant, reference, tmp_path):
     if variant == "cached-teacher":  # a teacher cache built by the toolkit instead of the two frozen models
         got = _trainer_run(tmp_path, teacher="cached")
+    elif variant == "combined-cache":
+        got = _trainer_run(tmp_path, teacher="combined")
     else:
         got = _trainer_run(tmp_path, gradient_checkpointing=True)
     _assert_same_run(got, reference)
@@ -291,9 +295,11 @@ def test_parameter_groups_and_schedule_are_the_toolkits(tmp_path):
 
 
 def test_data_order_is_the_toolkits_on_every_process():
-    """Two processes' micro-batches of each step, concatenated, are the step's examples of ExampleStream (forget:
-    seed, retain: seed + 1) in order, forget chunk i paired with retain chunk i; every micro-batch carries the
-    whole step's counts; Trainer epoch 1 starts at step ⌈8 / 4⌉ = 2."""
+    """Process r's micro-batches of a step are the r-th half of the step's examples of ExampleStream (forget: seed,
+    retain: seed + 1), grouped by length as the loop's micro-batches are (``loop.length_grouped``), forget chunk i
+    paired with retain chunk i; every micro-batch carries the whole step's counts; Trainer epoch 1 starts at step
+    ⌈8 / 4⌉ = 2."""
+    from rklu_fast.train.loop import length_grouped
     from rklu_fast.train.methods import make_method
 
     data, method = _data(), make_method("rklu")
@@ -308,15 +314,20 @@ def test_data_order_is_the_toolkits_on_every_process():
         assert [len(b) for b in batches] == [2 * 2, 2 * 2]  # 2 steps per Trainer epoch x 2 micro-batches
         for i in range(2):
             step = 2 * epoch + i
-            mbs = [b["unlearning"] for rank in (0, 1) for b in batches[rank][2 * i:2 * i + 2]]
-            assert [mb.step for mb in mbs] == [step] * 4
             f_want = [e for _, e in forget.step(step)]
             r_want = [e for _, e in retain.step(step)]
-            assert [int(mb.forget["forget"]["index"][0]) for mb in mbs] == [e["index"] for e in f_want]
-            assert [int(mb.retain["index"][0]) for mb in mbs] == [e["index"] for e in r_want]
-            for mb in mbs:
-                assert mb.counts.tokens == {"forget": count_targets(f_want)}
-                assert mb.counts.retain_tokens == count_targets(r_want)
+            for rank in (0, 1):
+                mbs = [b["unlearning"] for b in batches[rank][2 * i:2 * i + 2]]
+                assert [mb.step for mb in mbs] == [step] * 2
+                half = slice(2 * rank, 2 * rank + 2)
+                got_f = [int(mb.forget["forget"]["index"][0]) for mb in mbs]
+                got_r = [int(mb.retain["index"][0]) for mb in mbs]
+                assert sorted(got_f) == sorted(e["index"] for e in f_want[half])
+                assert got_f == [e["index"] for e in length_grouped(f_want[half])]
+                assert got_r == [e["index"] for e in length_grouped(r_want[half])]
+                for mb in mbs:
+                    assert mb.counts.tokens == {"forget": count_targets(f_want)}
+                    assert mb.counts.retain_tokens == count_targets(r_want)
     first = next(iter(loaders[0]))
     assert torch.equal(first["shift_labels"], first["labels"][:, 1:])
 
@@ -374,6 +385,13 @@ def test_teacher_cache_of_another_dataset_fails_naming_the_argument(tmp_path):
             _construct(tmp_path, teacher_cache=given)
     with pytest.raises(FileNotFoundError, match=r"^teacher_cache: no teacher cache in"):
         _construct(tmp_path, teacher_cache=str(tmp_path / "missing"))
+    # the right forget set, but the teacher formed with another α (a combined cache bakes α in)
+    forget = _data().forget
+    key = CacheKey("o", "a", data_fingerprint(forget), "none", "float32", VOCAB, store="combined", alpha=4.0)
+    cache = build_forget_cache(model_logits_fn(original, augmented), forget, key, pad_token_id=0)
+    with pytest.raises(StaleTeacherCache, match=r"^teacher_cache: holds the teacher formed with α = 4.0, the "
+                                                r"method uses α = 8.0"):
+        _construct(tmp_path, teacher_cache=cache)
 
 
 def test_other_bad_input_fails_at_construction(tmp_path):

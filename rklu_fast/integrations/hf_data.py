@@ -4,7 +4,8 @@ A ``Trainer`` draws examples with its own sampler (a ``RandomSampler``, a ``Dist
 normalises each micro-batch on its own.  Here its data loader replays the toolkit's loop (``rklu_fast.train.loop``)
 instead: optimizer step ``s`` trains on the forget examples ``ExampleStream(forget, B, seed).step(s)`` and the
 retain examples ``ExampleStream(retain, B, seed + 1).step(s)``, with ``B = per-device batch × accumulation steps ×
-processes``; each process keeps its contiguous slice (``sampling.rank_slice``) cut into micro-batches of the
+processes``; each process keeps its contiguous slice (``sampling.rank_slice``), sorts it by length
+(``loop.length_grouped``: micro-batches of similar length pad little) and cuts it into micro-batches of the
 per-device batch size, forget chunk ``i`` paired with retain chunk ``i``.  So every optimizer step sees the examples
 ``rklu run`` gives it for the same seed and batch size, whatever the split into processes and accumulation steps.
 Every micro-batch carries the whole step's normalisers (``loop.step_counts``), which every process computes from
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from rklu_fast.data.collate import collate
 from rklu_fast.data.templates import Template, encode_qa, get_template
 from rklu_fast.data.tofu import load_tofu
-from rklu_fast.train.loop import ExampleStream, step_counts
+from rklu_fast.train.loop import ExampleStream, length_grouped, step_counts
 from rklu_fast.train.methods.base import StepCounts
 from rklu_fast.train.sampling import rank_slice
 
@@ -137,9 +138,9 @@ class StepMicroBatches(Dataset):
         if self._step is None or self._step[0] != step:  # the step's micro-batches are read in a row: keep one
             views = [self.method.views(example, epoch) for epoch, example in self.forget.step(step)]
             retain = [example for _, example in self.retain.step(step)] if self.retain is not None else []
-            counts = step_counts(views, retain, self.micro_batch_size)
-            self._step = (step, rank_slice(views, self.rank, self.world_size),
-                          rank_slice(retain, self.rank, self.world_size) if retain else [], counts)
+            counts = step_counts(views, retain, self.micro_batch_size, self.world_size)
+            self._step = (step, length_grouped(rank_slice(views, self.rank, self.world_size)),
+                          length_grouped(rank_slice(retain, self.rank, self.world_size)) if retain else [], counts)
         return self._step[1:]
 
     def __getitem__(self, key: tuple[int, int]) -> dict:

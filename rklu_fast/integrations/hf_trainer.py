@@ -57,8 +57,9 @@ class UnlearningMixin:
       method's defaults, as in ``rklu run``.
     - ``retain_term``: ``"RT"`` (default), ``"KL"``, ``None``; ``retain_weight`` (λ, 1); ``retain_kl_positions``.
     - the frozen side: ``original`` and ``augmented`` models (``teacher_mode``: ``auto`` | ``online`` | ``cached``,
-      as ``teacher.mode``), or ``teacher_cache`` (a ``TeacherCache`` or the directory a toolkit run wrote; checked
-      against the forget set).  ``original`` also serves NPO/IdkDPO's reference and the KL retain term.
+      as ``teacher.mode``; ``teacher_store``: ``combined`` | ``pair``, as ``teacher.store``), or ``teacher_cache``
+      (a ``TeacherCache`` or the directory a toolkit run wrote; checked against the forget set, the teacher form
+      and α).  ``original`` also serves NPO/IdkDPO's reference and the KL retain term.
     - ``warmup_epochs``: the toolkit's schedule (default 1 epoch); ``None`` keeps ``TrainingArguments``' own.
     - seed: ``args.data_seed``, else ``args.seed`` (the toolkit's ``seed``: data order and refusal draws).
     """
@@ -66,7 +67,8 @@ class UnlearningMixin:
     def __init__(self, *args, method: str | Method = "rklu", method_args: dict | None = None,
                  retain_term: str | None = "RT", retain_weight: float = 1.0, retain_kl_positions: str = "answer",
                  original: torch.nn.Module | None = None, augmented: torch.nn.Module | None = None,
-                 teacher_cache=None, teacher_mode: str = "auto", warmup_epochs: float | None = 1.0, **kwargs):
+                 teacher_cache=None, teacher_mode: str = "auto", teacher_store: str = "combined",
+                 warmup_epochs: float | None = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         targs, data = self.args, self.train_dataset
         if not isinstance(data, ForgetRetainDataset):
@@ -112,7 +114,8 @@ class UnlearningMixin:
         epochs_touched = math.ceil(targs.max_steps * self.batch_size / len(data))
         self.frozen = build_frozen(self.method, self.retain_term, self.model, forget=data.forget, original=original,
                                    augmented=augmented, teacher_cache=teacher_cache, teacher_mode=teacher_mode,
-                                   template=data.template, pad_token_id=self.pad_token_id, device=targs.device,
+                                   teacher_store=teacher_store, template=data.template,
+                                   pad_token_id=self.pad_token_id, device=targs.device,
                                    micro_batch_size=targs.per_device_train_batch_size,
                                    reference_epochs=epochs_touched, autocast=self.accelerator.autocast)
 
