@@ -271,3 +271,29 @@ def test_chunked_greedy_generation_keeps_tofus_per_batch_max_length(tiny):
                                  eos_token_id=tok.eos_token_id)
             expected += [[t] for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
     assert chunked == expected
+
+
+@needs_tofu
+def test_cli_evaluates_the_teacher_of_two_models(tiny, tmp_path):
+    """``--teacher M M``: with the same model twice, relu(l_aug − l_o) = 0, so the teacher is the model itself and
+    its TOFU log (losses through the whole-sequence fallback, greedy text through the teacher's own decoder)
+    equals the model's."""
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    logs = {}
+    for name, target in (("plain", [str(tmp_path / "model")]),
+                         ("teacher", ["--teacher", str(tmp_path / "model"), str(tmp_path / "model"), "--alpha", "8"])):
+        assert eval_main(["eval", "tofu", *target, "--forget-split", "forget01", "--ds-size", "2",
+                          "--max-new-tokens", "4", "--batch-size", "4", "--out", str(tmp_path / name)]) == 0
+        logs[name] = json.loads((tmp_path / name / "eval_log_aggregated.json").read_text())
+    def same(v, w):
+        if isinstance(v, list):
+            return len(v) == len(w) and all(same(a, b) for a, b in zip(v, w))
+        return abs(v - w) <= 1e-5 * max(1.0, abs(v)) if isinstance(v, float) else v == w
+
+    for section, values in logs["plain"].items():
+        for metric, per_sample in values.items():
+            for i, v in per_sample.items():
+                assert same(v, logs["teacher"][section][metric][i]), (section, metric, i)
+    assert eval_main(["eval", "tofu", "--forget-split", "forget01"]) == 2  # neither a model nor --teacher

@@ -21,14 +21,22 @@ def _guarded(command):
     return run
 
 
-def _load_model(name: str, tokenizer: str | None, device: str, dtype: str, threads: int | None = None):
+def _load_model(name: str, tokenizer: str | None, device: str, dtype: str, threads: int | None = None,
+                teacher: list[str] | None = None, alpha: float = 8.0, teacher_form: str = "logits"):
+    """The model to evaluate and its tokenizer: a model folder / hub id, a teacher manifest folder (``unlearn.method=
+    teacher``), or with ``teacher`` = [ORIGINAL, AUGMENTED] the teacher of those two models."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rklu_fast.model_refs import from_pretrained, missing_local
+    from rklu_fast.teacher_model import TeacherModel, is_teacher_dir
 
-    tokenizer_arg = "--tokenizer" if tokenizer else "model"
-    for arg, ref in (("model", name), (tokenizer_arg, tokenizer or name)):  # both before the (slow) model load
+    if (name is None) == (teacher is None):
+        raise ValueError("model: give a model folder or hub id, or --teacher ORIGINAL AUGMENTED (not both)")
+    refs = [("--teacher", r) for r in teacher] if teacher else [("model", name)]
+    tokenizer_arg = "--tokenizer" if tokenizer else refs[0][0]
+    tokenizer = tokenizer or refs[0][1]
+    for arg, ref in [*refs, (tokenizer_arg, tokenizer)]:  # all before the (slow) model load
         if missing_local(ref):
             raise FileNotFoundError(f"{arg}: no such folder {ref!r}")
     if threads is not None:
@@ -37,8 +45,25 @@ def _load_model(name: str, tokenizer: str | None, device: str, dtype: str, threa
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"  # TOFU evaluates in bf16 on GPUs
-    model = from_pretrained(AutoModelForCausalLM, "model", name, dtype=getattr(torch, dtype)).to(device)
-    return model, from_pretrained(AutoTokenizer, tokenizer_arg, tokenizer or name)
+    dtype = getattr(torch, dtype)
+    if teacher:
+        def load(ref):
+            return from_pretrained(AutoModelForCausalLM, "--teacher", ref, dtype=dtype)
+        model = TeacherModel.from_references(*teacher, alpha, load_model=load, form=teacher_form)
+    elif is_teacher_dir(name):
+        model = TeacherModel.from_pretrained(name, dtype=dtype)
+    else:
+        model = from_pretrained(AutoModelForCausalLM, "model", name, dtype=dtype)
+    return model.to(device), from_pretrained(AutoTokenizer, tokenizer_arg, tokenizer)
+
+
+def _name(args) -> str:
+    return Path(args.model).name if args.model else f"teacher-alpha{args.alpha:g}-{args.teacher_form}"
+
+
+def _model_of(args):
+    return _load_model(args.model, args.tokenizer, args.device, args.dtype, args.threads,
+                       teacher=args.teacher, alpha=args.alpha, teacher_form=args.teacher_form)
 
 
 def _positive_int(text: str) -> int:
@@ -53,7 +78,14 @@ def _positive_int(text: str) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder or hub id (AutoModelForCausalLM)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder or hub id (AutoModelForCausalLM), or a teacher manifest folder")
+    p.add_argument("--teacher", nargs=2, metavar=("ORIGINAL", "AUGMENTED"), default=None,
+                   help="evaluate the unlearning teacher l_o - alpha*relu(l_aug - c - l_o) of these two models")
+    p.add_argument("--alpha", type=float, default=8.0, help="the teacher's alpha (with --teacher; default 8)")
+    p.add_argument("--teacher-form", default="logits",
+                   choices=["logits", "logprobs", "centered_mean", "centered_median"],
+                   help="the teacher's form (with --teacher; default the paper's logits)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model's)")
     p.add_argument("--template", default="llama2", help="prompt template the model was trained with: llama2, phi, "
                                                         "plain (default: llama2)")
@@ -69,7 +101,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _out_dir(args, sub: str) -> Path:
     if args.out:
         return Path(args.out)
-    base = Path(args.model)
+    base = Path(args.model or "teacher")
     return (base / "eval_results" / sub) if base.is_dir() else Path("eval_results") / sub
 
 
@@ -86,14 +118,15 @@ def _cmd_tofu(args) -> int:
         from rklu_fast.data import load_tofu
 
         load_tofu(f"{args.forget_split}_perturbed", args.data)
-    model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype, args.threads)
+    model, tokenizer = _model_of(args)
     out = _out_dir(args, f"ds_size{args.ds_size}")
     log, seconds = evaluate_tofu(model, tokenizer, template, forget_split=args.forget_split, source=args.data,
                                  ds_size=args.ds_size, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens, out_dir=out, gen_chunk=args.gen_chunk)
     result = {**aggregate(log, args.retain_log), "seconds_per_split": seconds, "forget_split": args.forget_split,
-              "model": args.model, "template": template.name, "ds_size": args.ds_size}
-    js, md = write_report(out, args.name or Path(args.model).name, result)
+              "model": args.model or {"teacher": args.teacher, "alpha": args.alpha, "form": args.teacher_form},
+              "template": template.name, "ds_size": args.ds_size}
+    js, md = write_report(out, args.name or _name(args), result)
     print(md.read_text(encoding="utf-8"))
     print(f"log: {out / 'eval_log_aggregated.json'}\nreport: {md}, {js}")
     return 0
@@ -120,12 +153,12 @@ def _cmd_leak(args) -> int:
     from rklu_fast.eval.report import write_report
 
     rows = load_tofu(args.forget_split, args.data)[:args.max_questions]
-    model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype, args.threads)
+    model, tokenizer = _model_of(args)
     probe = leak_probe(model, tokenizer, get_template(args.template), rows, k=args.k,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     table = leak_table(probe, max_rows=args.rows)
     out = _out_dir(args, "leak")
-    write_report(out, args.name or Path(args.model).name, {"leak": probe, "leak_table": table})
+    write_report(out, args.name or _name(args), {"leak": probe, "leak_table": table})
     print(table)
     print(f"report: {out / 'report.md'}")
     return 0
@@ -142,7 +175,7 @@ def _cmd_copyright(args) -> int:
     wikitext = args.wikitext or (default_data_dir("wikitext") or Path("wikitext")) / "wiki.test.raw"
     if not Path(wikitext).is_file():
         raise FileNotFoundError(f"--wikitext: no such file {str(wikitext)!r} (give WikiText-2's wiki.test.raw)")
-    model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype, args.threads)
+    model, tokenizer = _model_of(args)
     result = {}
     if args.text:
         text = read_text_file(args.text, "--text")
@@ -152,7 +185,7 @@ def _cmd_copyright(args) -> int:
     result["perplexity"] = {"wikitext_ppl": perplexity(model, tokenizer, segments, batch_size=args.batch_size),
                             "segments": len(segments)}
     out = _out_dir(args, "copyright")
-    _, md = write_report(out, args.name or Path(args.model).name, result)
+    _, md = write_report(out, args.name or _name(args), result)
     print(md.read_text(encoding="utf-8"))
     return 0
 

@@ -106,7 +106,8 @@ def length_grouped(items: list) -> list:
 def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], micro_batch_size: int,
                          pad_token_id: int, accelerator, *, frozen=None, retain_examples: list[dict] | None = None,
                          retain_term=None, retain_weight: float = 1.0, forget_weight: float = 1.0,
-                         counts: StepCounts | None = None, want_stats: bool = False) -> dict[str, torch.Tensor]:
+                         counts: StepCounts | None = None, want_stats: bool = False,
+                         group_by_length: bool = True) -> dict[str, torch.Tensor]:
     """Forward/backward over the micro-batches of one optimizer step; gradients accumulate in ``.grad``.
 
     ``forget_views``: per forget example, its views (``method.views``); each forget micro-batch is paired with a
@@ -124,8 +125,9 @@ def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], mic
     def student(batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    f_chunks = _chunks(length_grouped(forget_views), micro_batch_size)
-    r_chunks = _chunks(length_grouped(retain_examples), micro_batch_size)
+    order = length_grouped if group_by_length else list  # grouping changes only the padding (benchmarks)
+    f_chunks = _chunks(order(forget_views), micro_batch_size)
+    r_chunks = _chunks(order(retain_examples), micro_batch_size)
     sums = {"forget_loss": torch.zeros((), device=device)}
     if retain_term is not None:
         sums["retain_loss"] = torch.zeros((), device=device)
@@ -154,7 +156,8 @@ def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], mic
 def optimizer_step(model, optimizer, method, forget_views: list[dict[str, dict]], retain_examples: list[dict],
                    micro_batch_size: int, pad_token_id: int, accelerator, *, frozen=None, retain_term=None,
                    retain_weight: float = 1.0, forget_weight: float = 1.0, max_norm: float = math.inf,
-                   want_stats: bool = False, step: int = 0, params=None) -> dict[str, float]:
+                   want_stats: bool = False, step: int = 0, params=None, group_by_length: bool = True
+                   ) -> dict[str, float]:
     """One optimizer step of the whole step's examples (every rank passes the same, keeps its share): gradients,
     clipping, the non-finite guard, ``optimizer.step()``.  Returns the step's summed loss terms, gradient norm and
     (with ``want_stats``) the method's statistics summed over forget sequences, read with the step's one host
@@ -166,7 +169,7 @@ def optimizer_step(model, optimizer, method, forget_views: list[dict[str, dict]]
                                 pad_token_id, accelerator, frozen=frozen,
                                 retain_examples=rank_slice(retain_examples, rank, world), retain_term=retain_term,
                                 retain_weight=retain_weight, forget_weight=forget_weight, counts=counts,
-                                want_stats=want_stats)
+                                want_stats=want_stats, group_by_length=group_by_length)
     grad_norm = accelerator.clip_grad_norm_(params, max_norm)
     keys = sorted(sums)
     values = torch.stack([sums[k].float() for k in keys] + [torch.as_tensor(grad_norm).float()])
