@@ -1,0 +1,1 @@
+"""Integrations of the toolkit into other training programs (``transformers``: a Hugging Face ``Trainer``)."""
