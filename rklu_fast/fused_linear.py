@@ -197,6 +197,7 @@ def _setup_context(ctx, inputs, output):
      compact_teacher, grad_hidden, grad_weight, grad_bias, reduce, chunk_size, compute_dtype, backend) = inputs
     ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no zeros [V, d] in the backward
     ctx.reduce = reduce
+    ctx.computed = (grad_hidden, grad_weight, grad_bias)  # the op hands out only the gradients it was asked for
     ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.backwards_done = False
@@ -209,7 +210,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _g_dh, _g_dw, _g_db):
-    wants = ctx.needs_input_grad[:3]
+    wants = [need and asked for need, asked in zip(ctx.needs_input_grad[:3], ctx.computed)]
     if grad_loss is None or not any(wants):
         return (None,) * 18
     if ctx.reduce:
