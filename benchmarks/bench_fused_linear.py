@@ -56,8 +56,8 @@ METHODS = ("materialise", "compile_chunked", "liger_fljsd", "liger_flkl", "rklu_
            "matmuls_chunked", "matmuls_whole")
 LOSS_METHODS = METHODS[:6]
 GPU_SHAPES = ((4096, 32000), (2048, 51200), (4096, 128256))  # (d, V)
-ROW_KEYS = ("method", "n", "d", "v", "dtype", "ignore_frac", "n_valid", "status", "reason", "note", "time_ms",
-            "time_ms_q25", "time_ms_q75", "reps", "first_call_s", "timing_meaningful", "flops", "tflops",
+ROW_KEYS = ("method", "n", "d", "v", "dtype", "ignore_frac", "n_valid", "status", "reason", "note", "load_avg",
+            "time_ms", "time_ms_q25", "time_ms_q75", "reps", "first_call_s", "timing_meaningful", "flops", "tflops",
             "peak_extra_bytes", "bound_bytes", "chunk_rows", "loss", "loss_rel_err", "grad_hidden_rel_err",
             "grad_weight_rel_err")
 
@@ -302,6 +302,7 @@ def measure(method: str, shape: Shape, inputs, ref, ctx: dict) -> dict:
                 row["loss_rel_err"] = None
         times = B.time_cuda(step, ctx["warmup_ms"], ctx["rep_ms"]) if device == "cuda" else \
             B.time_cpu(step, ctx["min_reps"], ctx["min_time"])
+        row["load_avg"] = os.getloadavg()[0]  # the 1-minute load average as the row's timing ended
         q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
         row.update(time_ms=statistics.median(times), time_ms_q25=q[0], time_ms_q75=q[2], reps=len(times),
                    timing_meaningful=True)
@@ -321,13 +322,23 @@ def measure(method: str, shape: Shape, inputs, ref, ctx: dict) -> dict:
     return row
 
 
-def references(inputs, ctx) -> dict:
-    """{False: reverse, True: forward} float64 (loss, dhidden, dW), on the inputs' device."""
-    wanted = {m in ("rklu_fused_fkl", "liger_flkl") for m in ctx["methods"] if m in LOSS_METHODS}
-    return {fwd: reference(inputs, ctx["alpha"], reverse=not fwd) for fwd in wanted}
+def references(inputs, shape: Shape, methods, ctx) -> dict:
+    """{False: reverse, True: forward} float64 (loss, dhidden, dW) for the loss methods among `methods`; kept
+    in ctx["ref_dir"] when there is one (the CPU workers of one run share them)."""
+    refs = {}
+    for fwd in sorted({m in ("rklu_fused_fkl", "liger_flkl") for m in methods if m in LOSS_METHODS}):
+        path = ctx.get("ref_dir") and Path(ctx["ref_dir"]) / f"ref_{'fkl' if fwd else 'rkl'}_{shape.n}_{shape.d}_" \
+                                                             f"{shape.v}_{shape.dtype}_{shape.ignore_frac}.pt"
+        if path and path.exists():
+            refs[fwd] = torch.load(path)
+        else:
+            refs[fwd] = reference(inputs, ctx["alpha"], reverse=not fwd)
+            if path:
+                torch.save(refs[fwd], path)
+    return refs
 
 
-def run_shapes(methods, shapes, ctx: dict, deadline: float, emit) -> None:
+def run_shapes(methods, shapes, ctx: dict, deadline: float, emit, ref_methods=None) -> None:
     for shape in shapes:
         inputs = ref = None
         n_valid = shape.n - round(shape.ignore_frac * shape.n)
@@ -337,7 +348,7 @@ def run_shapes(methods, shapes, ctx: dict, deadline: float, emit) -> None:
                 continue
             if inputs is None:
                 inputs = make_inputs(shape, ctx["device"], ctx["seed"])
-                ref = references(inputs, dict(ctx, methods=methods))
+                ref = references(inputs, shape, ref_methods or methods, ctx)
             emit(measure(method, shape, inputs, ref, ctx))
         del inputs, ref
         gc.collect()
@@ -354,14 +365,41 @@ def worker_main(job_path: str) -> None:
         def emit(row):
             out.write(json.dumps(row) + "\n")
             out.flush()
-        run_shapes(job["methods"], [Shape(**s) for s in job["shapes"]], ctx, job["deadline"], emit)
+        run_shapes(job["methods"], [Shape(**s) for s in job["shapes"]], ctx, job["deadline"], emit,
+                   ref_methods=job["all_methods"])
+
+
+def merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per (method, shape) from several rounds: the median of the rounds' median times (each round's is
+    kept in `time_ms_rounds`), the largest peak memory; the first round's errors (the same inputs each round)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["n"], r["d"], r["v"], r["dtype"], r["ignore_frac"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ok = [r for r in group if r["status"] == "ok"]
+        if not ok:
+            out.append(group[0])
+            continue
+        row = dict(ok[0], time_ms_rounds=[r["time_ms"] for r in ok], load_avg=[r["load_avg"] for r in ok])
+        row["time_ms"] = statistics.median(row["time_ms_rounds"])
+        row["time_ms_q25"] = min(r["time_ms_q25"] for r in ok)
+        row["time_ms_q75"] = max(r["time_ms_q75"] for r in ok)
+        row["reps"] = sum(r["reps"] for r in ok)
+        row["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in ok)
+        row["tflops"] = row["flops"] / row["time_ms"] / 1e9
+        if len(ok) < len(group):
+            row["note"] = (row["note"] + "; " if row["note"] else "") + f"{len(group) - len(ok)} round(s) failed"
+        out.append(row)
+    return out
 
 
 def run_cpu_workers(methods, shapes, ctx, deadline, worker_timeout: float, emit) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, method in enumerate(methods):
             job = {"methods": [method], "shapes": [asdict(s) for s in shapes], "deadline": deadline,
-                   "ctx": {k: v for k, v in ctx.items() if k != "probe"}, "out": f"{tmp}/rows{i}.jsonl"}
+                   "ctx": {k: v for k, v in ctx.items() if k != "probe"}, "out": f"{tmp}/rows{i}.jsonl",
+                   "all_methods": methods}
             Path(f"{tmp}/job{i}.json").write_text(json.dumps(job))
             print(f"  worker: {method}", flush=True)
             try:
@@ -445,7 +483,6 @@ def markdown(report: dict) -> str:
             if (r["n"], r["d"], r["v"], r["dtype"], r["ignore_frac"]) != key:
                 continue
             t = f"{r['time_ms']:.4g} ({r['time_ms_q25']:.4g}-{r['time_ms_q75']:.4g})" if r["time_ms"] else "-"
-            mib = lambda b: None if b is None else b / 2**20  # noqa: E731
             note = r["reason"] if r["status"] != "ok" else r["note"]
             lines.append(f"| {r['method']} | {r['status']} | {t} | {B.fmt(r['flops'] and r['flops'] / 1e9, '.1f')} "
                          f"| {B.fmt(r['tflops'], '.3g')} | {B.fmt(mib(r['peak_extra_bytes']), '.1f')} "
@@ -454,6 +491,10 @@ def markdown(report: dict) -> str:
                          f"| {B.fmt(r['grad_weight_rel_err'], '.1e')} | {note or ''} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def mib(nbytes):
+    return None if nbytes is None else nbytes / 2**20
 
 
 def fmt_load(load):
@@ -515,6 +556,8 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench repetition time")
     p.add_argument("--isolation", choices=("method", "none"), help="CPU: a fresh worker process per method "
                    "(default; clean memory high-water marks) or none (in this process)")
+    p.add_argument("--rounds", type=int, default=1, help="CPU workers: run every method this many times in turn "
+                   "and report the median of the rounds (a shared machine's load changes)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run: eager)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; rows past it are reported skipped")
     p.add_argument("--worker-timeout", type=float, default=1800)
@@ -573,7 +616,7 @@ def main(argv=None) -> dict:
               "settings": {"dtype": args.dtype, "n": args.n, "dv": args.dv, "ignore": args.ignore,
                            "methods": args.methods, "backend": args.backend, "alpha": args.alpha,
                            "seed": args.seed, "dry_run": args.dry_run, "compile_backend": args.compile_backend,
-                           "isolation": args.isolation,
+                           "isolation": args.isolation, "rounds": args.rounds,
                            "timing": ("triton.testing.do_bench median (CUDA events, L2 flushed)" if args.device ==
                                       "cuda" else f"time.perf_counter median, >= {args.min_reps} calls and "
                                                   f">= {args.min_time} s after a warm-up call"),
@@ -598,15 +641,19 @@ def main(argv=None) -> dict:
     def emit(row):  # the JSON is rewritten after every row: a run cut short still leaves its figures
         report["rows"].append(row)
         print(f"  {row['method']:<16} N={row['n']:<6} d={row['d']:<5} V={row['v']:<6} {row['status']:<11} "
-              f"{B.fmt(row['time_ms'], '.4g')} ms {B.fmt(row['peak_extra_bytes'] and row['peak_extra_bytes'] / 2**20, '.0f')} MiB "
+              f"{B.fmt(row['time_ms'], '.4g')} ms {B.fmt(mib(row['peak_extra_bytes']), '.0f')} MiB "
               f"{(row['reason'] or '')[:80]}", flush=True)
         save()
 
     if args.device == "cuda" or args.isolation == "none":
         ctx["probe"] = B.CudaProbe() if args.device == "cuda" else B.RssProbe()
         run_shapes(args.methods, shapes, ctx, deadline, emit)
-    else:
-        run_cpu_workers(args.methods, shapes, ctx, deadline, args.worker_timeout, emit)
+    else:  # rounds alternate the methods, so that a change of load on a shared machine hits them alike
+        with tempfile.TemporaryDirectory() as ref_dir:
+            ctx["ref_dir"] = ref_dir
+            for _ in range(args.rounds):
+                run_cpu_workers(args.methods, shapes, ctx, deadline, args.worker_timeout, emit)
+        report["rows"] = merge_rounds(report["rows"])
     order = {(s.n, s.d, s.v, s.ignore_frac): i for i, s in enumerate(shapes)}
     report["rows"].sort(key=lambda r: (order.get((r["n"], r["d"], r["v"], r["ignore_frac"]), len(order)),
                                        METHODS.index(r["method"])))
