@@ -62,6 +62,13 @@ def test_verdicts():
     assert "time / materialising" not in got  # only judged at the CPU shape
 
 
+def test_time_verdict_pairs_the_rounds():
+    fused, mat = _row("rklu_fused", 20.0, 90, 100), _row("materialise", 30.0)
+    fused["time_ms_rounds"], mat["time_ms_rounds"] = [10.0, 20.0, 40.0], [5.0, 30.0, 41.0]  # ratios 2, 0.67, 0.98
+    (_, time_target) = BF.verdicts([fused, mat])
+    assert time_target["measured"] == pytest.approx(40.0 / 41.0) and time_target["pass"] is True
+
+
 def test_merge_rounds_takes_the_median_round():
     rows = []
     for t, peak in ((30.0, 5), (10.0, 7), (20.0, 6)):
