@@ -445,9 +445,10 @@ fused_linear_forward_kl_loss = _public_loss(
 # ------------------------------------------------------------------------------------------- models
 # Causal LMs whose logits are `lm_head(body(...).last_hidden_state)`: the body is `model.model`.
 _PLAIN_HEAD_MODELS = ("LlamaForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM")
-# Config fields by which transformers models change logits after the head (soft-capping, scaling).
-_LOGIT_CHANGING_FIELDS = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling",
-                          "output_multiplier_scale", "lm_head_multiplier", "logits_scale")
+# Config fields by which transformers models change logits after the head: soft-capping (any value), scaling
+# (any value but 1).
+_SOFTCAP_FIELDS = ("final_logit_softcapping", "logit_softcapping")
+_SCALE_FIELDS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier", "logits_scale")
 
 
 def _unwrap(model):
@@ -476,9 +477,9 @@ def supports_fused_linear(model) -> tuple[bool, str]:
         return False, (f"{kind}.forward comes from {forward_module or 'elsewhere'}, not transformers (patched): "
                        "its logits may not be lm_head(last_hidden_state)")
     config = getattr(inner, "config", None)
-    for field in _LOGIT_CHANGING_FIELDS:
+    for field in _SOFTCAP_FIELDS + _SCALE_FIELDS:
         value = getattr(config, field, None)
-        if value is not None and value != 1:
+        if value is not None and (field in _SOFTCAP_FIELDS or value != 1):
             return False, f"config.{field} = {value!r} changes the logits after the head"
     body, head = getattr(inner, "model", None), getattr(inner, "lm_head", None)
     if not isinstance(body, torch.nn.Module):

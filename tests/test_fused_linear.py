@@ -373,6 +373,12 @@ def test_unsupported_models_say_why():
     with pytest.raises(ValueError, match="model: fused linear loss not supported: config.logit_scale"):
         FL.fused_linear_parts(model)
     model = tiny("llama")
+    model.config.final_logit_softcapping = 1.0  # a cap of 1 still changes the logits
+    assert FL.supports_fused_linear(model) == (False, "config.final_logit_softcapping = 1.0 changes the logits "
+                                                      "after the head")
+    model.config.final_logit_softcapping = None
+    model.config.logits_scaling = 1.0  # a scale of 1 does not
+    assert FL.supports_fused_linear(model) == (True, "")
     model.lm_head.register_forward_hook(lambda mod, inp, out: out * 2)
     assert not FL.supports_fused_linear(model)[0]
 
