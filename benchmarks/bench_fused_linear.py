@@ -259,6 +259,45 @@ def blank_row(method: str, shape: Shape, n_valid, status: str, reason: str = "")
     return row
 
 
+def make_step(method: str, inputs, ctx: dict):
+    """(step, note): one timed call of the method (a loss method: forward + backward of hidden and weight)."""
+    hidden, weight = inputs[:2]
+    prepare, fn, note = build(method, ctx["device"], ctx["compile_backend"], ctx["backend"])
+    step_inputs = prepare(inputs, ctx["alpha"])
+    if method not in LOSS_METHODS:
+        return (lambda: fn(*step_inputs)), note
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss = fn(*step_inputs)
+        loss.backward()
+        return loss
+    return step, note
+
+
+def interleaved_times(methods, shape: Shape, ctx: dict, cycles: int) -> dict:
+    """{method: [ms per cycle]}: every method called once per cycle, in turn (reversed every other cycle), all in
+    this process after a warm-up call each, so that the calls compared are seconds apart whatever the load does."""
+    inputs = make_inputs(shape, ctx["device"], ctx["seed"])
+    steps = {}
+    for m in methods:
+        try:
+            steps[m] = make_step(m, inputs, ctx)[0]
+            steps[m]()
+        except Exception:  # noqa: BLE001 - its row already says why (the isolated run)
+            steps.pop(m, None)
+    times = {m: [] for m in steps}
+    for c in range(cycles):
+        for m in (list(steps) if c % 2 == 0 else list(steps)[::-1]):
+            t0 = time.perf_counter()
+            steps[m]()
+            times[m].append((time.perf_counter() - t0) * 1e3)
+    inputs[0].grad = inputs[1].grad = None
+    return times
+
+
 def measure(method: str, shape: Shape, inputs, ref, ctx: dict) -> dict:
     hidden, weight, original, augmented, labels = inputs
     n_valid = int((labels != IGNORE_INDEX).sum())
@@ -266,20 +305,8 @@ def measure(method: str, shape: Shape, inputs, ref, ctx: dict) -> dict:
     row = blank_row(method, shape, n_valid, "ok")
     row["flops"] = flops(method, shape.n, n_valid, shape.d, shape.v)
     try:
-        prepare, fn, row["note"] = build(method, device, ctx["compile_backend"], ctx["backend"])
-        step_inputs = prepare(inputs, ctx["alpha"])
+        step, row["note"] = make_step(method, inputs, ctx)
         is_loss = method in LOSS_METHODS
-        if is_loss:
-            hidden.requires_grad_(True)
-            weight.requires_grad_(True)
-
-        def step():
-            if not is_loss:
-                return fn(*step_inputs)
-            hidden.grad = weight.grad = None
-            loss = fn(*step_inputs)
-            loss.backward()
-            return loss
         if method.startswith("rklu_fused") or method == "matmuls_chunked":
             row["chunk_rows"] = chunk_rows(n_valid, shape.v)
         if method.startswith("rklu_fused"):
@@ -423,13 +450,19 @@ def _find(rows, method, shape_key):
                  and (r["n"], r["d"], r["v"], r["dtype"], r["ignore_frac"]) == shape_key), None)
 
 
-def _time_ratio(a: dict, b: dict) -> float:
-    """a's time over b's: the median of the per-round ratios when both ran in the same rounds (each pair measured
-    minutes apart, not the whole run), else the ratio of the medians."""
-    ra, rb = a.get("time_ms_rounds"), b.get("time_ms_rounds")
-    if ra and rb and len(ra) == len(rb):
-        return statistics.median(x / y for x, y in zip(ra, rb))
-    return a["time_ms"] / b["time_ms"]
+TIME_TARGETS = {"materialise": "materialising", "matmuls_chunked": "its matmuls (same chunks)",
+                "liger_fljsd": "Liger FLJSD(beta=1)"}
+
+
+def _time_ratio(a: dict, b: dict) -> tuple[float, str]:
+    """a's time over b's and how it was taken: the median of the per-cycle ratios of interleaved calls (seconds
+    apart), else of the per-round ratios (minutes apart), else the ratio of the medians."""
+    for key, how in (("time_ms_interleaved_all", "median of interleaved per-call ratios"),
+                     ("time_ms_rounds", "median of the rounds' ratios")):
+        ra, rb = a.get(key), b.get(key)
+        if ra and rb and len(ra) == len(rb):
+            return statistics.median(x / y for x, y in zip(ra, rb)), how
+    return a["time_ms"] / b["time_ms"], ""
 
 
 def _target(name, measured, threshold, detail=""):
@@ -451,18 +484,17 @@ def verdicts(rows) -> list[dict]:
         label = f"N={key[0]} d={key[1]} V={key[2]} {key[3]} {key[4]:.0%} ignored"
         out.append(_target(f"peak extra / bound, {label}", fused["peak_extra_bytes"] / fused["bound_bytes"], 1.0,
                            "bound: fp32 dW + returned dW + dhidden + 3·C·V·4 B"))
-        mat = _find(rows, "materialise", key)
-        if key[:4] == (2048, 512, 32000, "fp32") and mat is not None:
-            out.append(_target(f"time / materialising, {label}", _time_ratio(fused, mat), 1.2,
-                               "median of the rounds' ratios" if fused.get("time_ms_rounds") else ""))
-        mm = _find(rows, "matmuls_chunked", key)
-        if key[3] == "bf16" and mm is not None:
-            out.append(_target(f"time / its matmuls (same chunks), {label}", _time_ratio(fused, mm), 1.3))
-        jsd = _find(rows, "liger_fljsd", key)
-        if jsd is not None:
-            out.append(_target(f"time / Liger FLJSD(beta=1), {label}", _time_ratio(fused, jsd), 1.0))
-            out.append(_target(f"peak extra / Liger FLJSD(beta=1), {label}",
-                               fused["peak_extra_bytes"] / jsd["peak_extra_bytes"], 1.0))
+        for other, threshold, when in (("materialise", 1.2, key[:4] == (2048, 512, 32000, "fp32")),
+                                       ("matmuls_chunked", 1.3, key[3] == "bf16"),
+                                       ("liger_fljsd", 1.0, True)):
+            row = _find(rows, other, key)
+            if row is None or not when:
+                continue
+            ratio, how = _time_ratio(fused, row)
+            out.append(_target(f"time / {TIME_TARGETS[other]}, {label}", ratio, threshold, how))
+            if other == "liger_fljsd":
+                out.append(_target(f"peak extra / {TIME_TARGETS[other]}, {label}",
+                                   fused["peak_extra_bytes"] / row["peak_extra_bytes"], 1.0))
     return out
 
 
@@ -494,7 +526,9 @@ def markdown(report: dict) -> str:
                 continue
             t = f"{r['time_ms']:.4g} ({r['time_ms_q25']:.4g}-{r['time_ms_q75']:.4g})" if r["time_ms"] else "-"
             if len(r.get("time_ms_rounds") or []) > 1:
-                t += " rounds " + "/".join(f"{x:.4g}" for x in r["time_ms_rounds"])
+                t += "; rounds " + "/".join(f"{x:.4g}" for x in r["time_ms_rounds"])
+            if r.get("time_ms_interleaved"):
+                t += f"; interleaved {r['time_ms_interleaved']:.4g}"
             note = r["reason"] if r["status"] != "ok" else r["note"]
             lines.append(f"| {r['method']} | {r['status']} | {t} | {B.fmt(r['flops'] and r['flops'] / 1e9, '.1f')} "
                          f"| {B.fmt(r['tflops'], '.3g')} | {B.fmt(mib(r['peak_extra_bytes']), '.1f')} "
@@ -568,6 +602,8 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench repetition time")
     p.add_argument("--isolation", choices=("method", "none"), help="CPU: a fresh worker process per method "
                    "(default; clean memory high-water marks) or none (in this process)")
+    p.add_argument("--interleave", type=int, default=0, help="CPU: then time every method again in this one "
+                   "process, this many calls each, in turn (the time verdicts pair these calls)")
     p.add_argument("--rounds", type=int, default=1, help="CPU workers: run every method this many times in turn "
                    "and report the median of the rounds (a shared machine's load changes)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run: eager)")
@@ -628,7 +664,7 @@ def main(argv=None) -> dict:
               "settings": {"dtype": args.dtype, "n": args.n, "dv": args.dv, "ignore": args.ignore,
                            "methods": args.methods, "backend": args.backend, "alpha": args.alpha,
                            "seed": args.seed, "dry_run": args.dry_run, "compile_backend": args.compile_backend,
-                           "isolation": args.isolation, "rounds": args.rounds,
+                           "isolation": args.isolation, "rounds": args.rounds, "interleave": args.interleave,
                            "timing": ("triton.testing.do_bench median (CUDA events, L2 flushed)" if args.device ==
                                       "cuda" else f"time.perf_counter median, >= {args.min_reps} calls and "
                                                   f">= {args.min_time} s after a warm-up call"),
@@ -667,6 +703,17 @@ def main(argv=None) -> dict:
                 order = args.methods if r % 2 == 0 else args.methods[::-1]
                 run_cpu_workers(order, shapes, ctx, deadline, args.worker_timeout, emit)
         report["rows"] = merge_rounds(report["rows"])
+    if args.interleave and args.device == "cpu":
+        print(f"  interleaved timing: {args.interleave} cycles per shape", flush=True)
+        ctx["probe"] = B.RssProbe()
+        for shape in shapes:
+            times = interleaved_times(args.methods, shape, ctx, args.interleave)
+            for r in report["rows"]:
+                if (r["n"], r["d"], r["v"], r["ignore_frac"]) == (shape.n, shape.d, shape.v, shape.ignore_frac) \
+                        and times.get(r["method"]):
+                    r["time_ms_interleaved_all"] = times[r["method"]]
+                    r["time_ms_interleaved"] = statistics.median(times[r["method"]])
+            save()
     order = {(s.n, s.d, s.v, s.ignore_frac): i for i, s in enumerate(shapes)}
     report["rows"].sort(key=lambda r: (order.get((r["n"], r["d"], r["v"], r["ignore_frac"]), len(order)),
                                        METHODS.index(r["method"])))

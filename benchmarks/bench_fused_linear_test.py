@@ -67,6 +67,11 @@ def test_time_verdict_pairs_the_rounds():
     fused["time_ms_rounds"], mat["time_ms_rounds"] = [10.0, 20.0, 40.0], [5.0, 30.0, 41.0]  # ratios 2, 0.67, 0.98
     (_, time_target) = BF.verdicts([fused, mat])
     assert time_target["measured"] == pytest.approx(40.0 / 41.0) and time_target["pass"] is True
+    # interleaved calls (seconds apart) take precedence over rounds (minutes apart)
+    fused["time_ms_interleaved_all"], mat["time_ms_interleaved_all"] = [13.0, 14.0], [10.0, 10.0]
+    (_, time_target) = BF.verdicts([fused, mat])
+    assert time_target["measured"] == pytest.approx(1.35) and time_target["pass"] is False
+    assert time_target["detail"] == "median of interleaved per-call ratios"
 
 
 def test_merge_rounds_takes_the_median_round():
