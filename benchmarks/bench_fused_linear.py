@@ -548,33 +548,38 @@ def fmt_load(load):
 
 
 def plot(report: dict, stem: Path) -> list[str]:
-    """One PNG: per (d, V) a panel of median time and one of peak extra memory against N, per method."""
+    """One PNG: per (d, V) a row of two bar charts, time (the interleaved median where measured) and peak extra
+    memory per method, one bar per (N, ignored fraction)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ok = [r for r in report["rows"] if r["status"] == "ok" and r["ignore_frac"] == 0]
+    ok = [r for r in report["rows"] if r["status"] == "ok"]
     dvs = sorted({(r["d"], r["v"]) for r in ok})
     if not dvs:
         return []
-    fig, axes = plt.subplots(2, len(dvs), figsize=(5.5 * len(dvs), 8), squeeze=False)
-    for j, (d, v) in enumerate(dvs):
-        for i, (what, key) in enumerate((("median time (ms)", "time_ms"), ("peak extra memory (MiB)",
-                                                                            "peak_extra_bytes"))):
+    fig, axes = plt.subplots(len(dvs), 2, figsize=(13, 4.2 * len(dvs)), squeeze=False)
+    for i, (d, v) in enumerate(dvs):
+        rows = [r for r in ok if (r["d"], r["v"]) == (d, v)]
+        configs = sorted({(r["n"], r["ignore_frac"]) for r in rows})
+        methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+        width = 0.8 / len(configs)
+        for j, (what, value) in enumerate((
+                ("time (ms)", lambda r: r.get("time_ms_interleaved") or r["time_ms"]),
+                ("peak extra memory (MiB)", lambda r: None if r["method"].startswith("matmuls")
+                 else mib(r["peak_extra_bytes"])))):
             ax = axes[i][j]
-            for k, method in enumerate(METHODS):
-                pts = sorted((r["n"], r[key]) for r in ok if r["method"] == method and (r["d"], r["v"]) == (d, v))
-                if pts and not (key == "peak_extra_bytes" and method.startswith("matmuls")):
-                    ys = [y / 2**20 if key == "peak_extra_bytes" else y for _, y in pts]
-                    ax.plot([n for n, _ in pts], ys, marker="o", label=method, color=f"C{k}")
-            ax.set_xscale("log", base=2)
-            ax.set(xlabel="N (rows)", ylabel=what, title=f"d={d}, V={v}")
-            if any(y > 0 for line in ax.lines for y in line.get_ydata()):
-                ax.set_yscale("log", nonpositive="mask")
-            ax.grid(True, which="both", alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=7)
-    fig.suptitle(f"fused linear reverse KL, {report['device']['name']}, {report['settings']['dtype']}, "
-                 f"0% ignored rows, {report['date'][:16].replace('T', ' ')} UTC")
+            for k, (n, ign) in enumerate(configs):
+                ys = [next((value(r) for r in rows if (r["method"], r["n"], r["ignore_frac"]) == (m, n, ign)), None)
+                      for m in methods]
+                xs = [x + k * width for x, y in zip(range(len(methods)), ys) if y is not None]
+                ax.bar(xs, [y for y in ys if y is not None], width, label=f"N={n}, {ign:.0%} ignored")
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(methods))], methods, rotation=30, ha="right",
+                          fontsize=8)
+            ax.set(ylabel=what, title=f"d={d}, V={v}")
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"fused linear KL, {report['device']['name'][:40]}, {report['settings']['dtype']}, "
+                 f"{report['date'][:10]}", fontsize=10)
     fig.tight_layout()
     path = f"{stem}.png"
     fig.savefig(path, dpi=90)
