@@ -17,7 +17,7 @@ $(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --no-compile -q -r requirements.txt 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
 	$(PY) -m pip install --no-build-isolation --no-deps -v -e . > $(VENV)/build.log 2>&1 || (tail -60 $(VENV)/build.log; exit 1)
-	@echo "--- kernel register/spill report (ptxas) ---"; grep -E "Compiling entry|registers|spill" $(VENV)/build.log || echo "(no CUDA kernels compiled)"
+	@echo "build log (with the CUDA kernels' ptxas register/spill report, if any were compiled): $(VENV)/build.log"
 	$(PY) -c "import rklu_fast, json; print('rklu_fast backends:', json.dumps(rklu_fast.backends()))"
 	touch $(STAMP)
 
@@ -26,7 +26,11 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/rklu run --config configs/tiny-tofu.yaml
 
+# ruff (rules in pyproject.toml), then the wheel check (a wheel installed into a fresh venv and run from outside the
+# repository: .ci/wheel_check.sh), then pytest, whose summary stays the last line.
 test: install
+	$(VENV)/bin/ruff check .
+	bash .ci/wheel_check.sh $(PY)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench-cpu: install

@@ -648,8 +648,8 @@ def print_verdicts(report: dict) -> None:
     print(f"\n{'target':<58} {'measured':>9} {'threshold':>11}  verdict")
     for t in report["verdicts"]:
         verdict = {True: "PASS", False: "MISS", None: "n/a"}[t["pass"]]
-        print(f"{t['target']:<58} {fmt(t['measured']):>9} {('>= ' if t['at_least'] else '<= ') + fmt(t['threshold']):>11}"
-              f"  {verdict} {t['detail']}")
+        bound = ('>= ' if t['at_least'] else '<= ') + fmt(t['threshold'])
+        print(f"{t['target']:<58} {fmt(t['measured']):>9} {bound:>11}  {verdict} {t['detail']}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Training-step benchmark: tokens/s and peak memory of full RKLU optimizer steps.
+"""Training-step benchmark: tokens/s and peak memory of the optimizer step ``rklu`` ships.
+
+Each step is ``rklu_fast.train.loop.optimizer_step``, the very function the training loop calls: the RKLU
+method plug-in on forget micro-batches, the RT retain term on as many retain micro-batches, gradient clipping at
+1.0, the non-finite guard's one host sync, statistics (teacher entropy, answer probability) every ``--log-every``
+steps, the optimizer step.  Tokens are real (unpadded) forget + retain tokens.
 
     python benchmarks/bench_train_step.py --tiny                 # CPU, tiny Llama, < 1 min: checks the pipeline
     python benchmarks/bench_train_step.py --device cuda          # GPU: Phi-1.5 and Llama-2-7B architectures
@@ -31,8 +36,12 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # rklu_fast from this checkout when not installed
 import rklu_fast  # noqa: E402
-from rklu_fast.data.collate import collate  # noqa: E402
-from rklu_fast.train.lowmem import build_optimizer, set_gradient_checkpointing  # noqa: E402
+from rklu_fast.data.collate import collate, to_device  # noqa: E402
+from rklu_fast.train.frozen import Frozen  # noqa: E402
+from rklu_fast.train.loop import optimizer_step  # noqa: E402
+from rklu_fast.train.lowmem import build_optimizer, parameter_groups, set_gradient_checkpointing  # noqa: E402
+from rklu_fast.train.methods import make_method, make_retain_term  # noqa: E402
+from rklu_fast.train.teacher import OnlineTeacher  # noqa: E402
 from rklu_fast.train.teacher_cache import (CacheKey, CachedTeacher, build_forget_cache,  # noqa: E402
                                            model_logits_fn, place_cache)
 
@@ -87,18 +96,21 @@ class Run:
     """One (arch, teacher mode, loss kernel) configuration: its models, data and step function."""
 
     def __init__(self, arch: str, mode: str, kernel: str, device: str, n_examples: int, seed: int = 0,
-                 update: str | None = None):
+                 update: str | None = None, log_every: int = 10):
         _, _, plan, self.seq, self.micro, self.batch = ARCHS[arch]
         self.plan = plan | ({"update": update} if update else {})
         self.device, self.mode, self.backend = device, mode, {"eager": "torch", "fused": "auto"}[kernel]
-        self.examples = make_examples(n_examples, self.seq, ARCHS[arch][1]["vocab_size"], seed)
+        vocab = ARCHS[arch][1]["vocab_size"]
+        self.examples = [dict(e, index=i) for i, e in enumerate(make_examples(n_examples, self.seq, vocab, seed))]
+        self.retain = [dict(e, index=i) for i, e in enumerate(make_examples(n_examples, self.seq, vocab, seed + 7))]
+        self.log_every = log_every
         self.cache_build_s = None
         self.cache_bytes = None
         original, augmented = make_model(arch, device, seed), make_model(arch, device, seed + 1)
         for m in (original, augmented):
             m.eval().requires_grad_(False)
         if mode == "online":
-            self.teacher, self.rows = model_logits_fn(original, augmented), "all"
+            source = OnlineTeacher(original, augmented)
         else:
             key = CacheKey("bench-original", "bench-augmented", "bench-data", "none", self.plan["dtype"],
                            ARCHS[arch][1]["vocab_size"])
@@ -109,47 +121,46 @@ class Run:
             sync(device)
             self.cache_build_s = time.perf_counter() - t0
             self.cache_bytes = cache.nbytes()
-            self.teacher, self.rows = CachedTeacher(cache, self.examples).logits, "valid"
+            source = CachedTeacher(cache, self.examples)
             del original, augmented  # the point of the cache: the teacher models leave the GPU
             gc.collect()
+        self.source, self.frozen = source, Frozen(teacher=source)
+        self.method = make_method("rklu", alpha=8.0, backend=self.backend)
+        self.retain_term = make_retain_term("RT")
+        from accelerate import Accelerator
+        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no")  # weights carry the dtype
         self.student = make_model(arch, device, seed)
         self.student.train()
         set_gradient_checkpointing(self.student, self.plan["checkpointing"])
-        self.optimizer = build_optimizer(self.student.parameters(), self.plan["optimizer"], lr=1e-5,
+        self.optimizer = build_optimizer(parameter_groups(self.student, 0.01), self.plan["optimizer"], lr=1e-5,
                                          update=self.plan.get("update", "kahan"))
 
-    def batches(self, step: int) -> list[dict]:
+    def step_examples(self, step: int) -> tuple[list[dict], list[dict]]:
         n = len(self.examples)
-        chosen = [self.examples[(step * self.batch + i) % n] for i in range(self.batch)]
-        return [{k: v.to(self.device) for k, v in collate(chosen[i:i + self.micro], 0).items()}
-                for i in range(0, self.batch, self.micro)]
+        chosen = [(step * self.batch + i) % n for i in range(self.batch)]
+        return [{"forget": self.examples[i]} for i in chosen], [self.retain[i] for i in chosen]
 
     def teacher_rows(self, batch):
-        orig, aug = self.teacher(batch)
-        return (orig[:, :-1], aug[:, :-1]) if self.rows == "all" else (orig, aug)
+        rows = self.source.rows(batch)
+        return rows.original, rows.augmented
 
     def loss(self, logits, batch, num_items, teacher=None):
         orig, aug = teacher if teacher is not None else self.teacher_rows(batch)
+        rows = "all" if self.mode == "online" else "valid"
         return rklu_fast.reverse_kl_loss(logits[:, :-1], orig, aug, alpha=8.0, labels=batch["labels"][:, 1:],
-                                         num_items_in_batch=num_items, teacher_rows=self.rows, backend=self.backend)
+                                         num_items_in_batch=num_items, teacher_rows=rows, backend=self.backend)
 
     def step(self, step: int) -> int:
-        """One optimizer step; returns the number of (non-pad) tokens the student processed."""
-        micro_batches = self.batches(step)
-        num_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-        tokens = 0
-        for b in micro_batches:
-            logits = self.student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            self.loss(logits, b, num_items).backward()
-            tokens += int(b["attention_mask"].sum())
-            del logits
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return tokens
+        """One optimizer step as ``rklu`` runs it; returns the real (unpadded) tokens it trained on."""
+        f_views, r_examples = self.step_examples(step)
+        optimizer_step(self.student, self.optimizer, self.method, f_views, r_examples, self.micro, 0,
+                       self.accelerator, frozen=self.frozen, retain_term=self.retain_term, max_norm=1.0,
+                       want_stats=step % self.log_every == 0, step=step + 1)
+        return sum(len(v["forget"]["input_ids"]) for v in f_views) + sum(len(e["input_ids"]) for e in r_examples)
 
     def loss_alone_ms(self, reps: int = 3) -> float:
         """Forward + backward of the loss alone on one micro-batch's student logits (the kernel's own cost)."""
-        b = self.batches(0)[0]
+        b = to_device(collate([v["forget"] for v in self.step_examples(0)[0][:self.micro]], 0), self.device)
         with torch.no_grad():
             logits = self.student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         logits = logits.detach().requires_grad_(True)

@@ -6,7 +6,9 @@
 # suite.log, suite.json, tune_kernels_*.json, bench_loss_*.{json,md,png}, bench_fused_linear_*.{json,md,png},
 # train_step_*.{json,md}.
 #
-#   bash benchmarks/gpu_suite.sh                        # steps build,test,errpath,sanitize,tune,bench,train
+#   bash benchmarks/gpu_suite.sh                        # all steps: build,test,errpath,sanitize,tune,bench,train
+#   bash benchmarks/gpu_suite.sh --steps build,whole,bench   # whole 7B + Phi-1.5 RKLU runs, then the loss bench
+#       (with BENCH_ARGS="--n 16384 --v 32000": the one-call plan when the kernels did not change)
 #   bash benchmarks/gpu_suite.sh --steps build,bench    # a second call for the benchmark rows a budget cut
 #   bash benchmarks/gpu_suite.sh --steps build,fused    # the fused linear benchmark in a call of its own
 #   bash benchmarks/gpu_suite.sh --dry-run              # anywhere, on CPU: tiny shapes, same JSON schema
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --steps) STEPS=$2; shift ;;
     --budget) BUDGET=$2; shift ;;
-    *) echo "usage: $0 [--dry-run] [--steps build,test,errpath,sanitize,tune,bench,fused,train] [--budget SECONDS]" >&2
+    *) echo "usage: $0 [--dry-run] [--steps build,test,errpath,sanitize,tune,whole,bench,fused,train] [--budget SECONDS]" >&2
        exit 2 ;;
   esac
   shift
@@ -107,7 +109,16 @@ train_step() {
   fi
 }
 
-export -f build sanitize train_step
+whole() {  # the whole RKLU run, timed from process start (benchmarks/whole_run.py), 7B then Phi-1.5
+  local rc=0
+  $PY benchmarks/whole_run.py --arch llama2-7b --run-dir /tmp/whole-7b --out "$OUT" || rc=$?
+  rm -rf /tmp/whole-7b  # 3 x 13.5 GB: the machine has 64 GiB of disk
+  $PY benchmarks/whole_run.py --arch phi-1.5 --run-dir /tmp/whole-phi --out "$OUT" || rc=$?
+  rm -rf /tmp/whole-phi
+  return $rc
+}
+
+export -f build sanitize train_step whole
 export PY OUT
 errpath() {  # on the H100 image (torch 2.11) the CPU op's error path crashed the test process: probe it alone
   $PY -X faulthandler -m pytest -q -p no:cacheprovider "$ERRPATH_TEST" 2>&1 | tail -15
@@ -122,6 +133,7 @@ step test "$(( $(left) < 200 ? $(left) : 200 ))" $PY -m pytest -q -m "not slow" 
 step errpath 60 bash -c errpath
 step sanitize "$(( $(left) < 150 ? $(left) : 150 ))" bash -c sanitize
 step tune "$(( $(left) < 120 ? $(left) : 120 ))" $PY benchmarks/tune_kernels.py --out "$OUT"
+step whole "$(( $(left) < 420 ? $(left) : 420 ))" bash -c whole
 TRAIN_RESERVE=0; wanted train && [ -f benchmarks/bench_train_step.py ] && [ "$DRY" = 0 ] && TRAIN_RESERVE=130
 # The fused linear benchmark takes what is left (a call of its own: --steps build,fused), or 150 s after bench
 FUSED_RESERVE=0; wanted fused && [ "$DRY" = 0 ] && FUSED_RESERVE=150

@@ -79,7 +79,8 @@ def main() -> None:
             else:
                 triton_kl.GPU_LAUNCH.update(knobs)
                 fn = triton_kl.kl_fwd
-            call = lambda: fn(student, original, augmented, rows, gs, alpha, 1.0, True, compute_grad)  # noqa: E731
+            # (F821: pyflakes sees the `del student, ...` below; the lambda only runs before it)
+            call = lambda: fn(student, original, augmented, rows, gs, alpha, 1.0, True, compute_grad)  # noqa: E731, F821
             row = {"variant": name, "backend": backend, **knobs, "n": args.n, "v": v, "grad": compute_grad}
             try:
                 loss, grad = call()

@@ -235,7 +235,8 @@ std::tuple<at::Tensor, at::Tensor> kl_fwd_cpu(const at::Tensor& student, const a
   const int64_t g_elem = student.element_size();
   // Checked before the parallel region: an exception must not cross OpenMP threads.
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(trow[i] < M, "rklu_fast: teacher_row[", i, "] = ", trow[i], " but the teacher has ", M, " rows");
+    TORCH_CHECK(trow[i] < M, "rklu_fast: teacher_row[", rklu::num(i), "] = ", rklu::num(trow[i]),
+                " but the teacher has ", rklu::num(M), " rows");
   }
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     auto scratch = std::make_unique<Scratch>();

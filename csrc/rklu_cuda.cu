@@ -302,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> kl_fwd_cuda(const at::Tensor& student, const 
   check_same_cuda(student, student, "student");
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t N = student.size(0), V = student.size(1);
-  TORCH_CHECK(V < (int64_t{1} << 28), "rklu_fast: vocab ", V, " too large for the CUDA kernel");
+  TORCH_CHECK(V < (int64_t{1} << 28), "rklu_fast: vocab ", rklu::num(V), " too large for the CUDA kernel");
   at::Tensor loss = at::empty({N}, student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty({N, V}, student.options()) : at::empty({0}, student.options());
   if (N == 0) return {loss, grad};
@@ -341,7 +341,7 @@ void kl_scale_grad_cuda(at::Tensor& grad, at::Tensor& applied, const at::Tensor&
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t N = grad.size(0), V = grad.size(1);
   if (N == 0) return;
-  TORCH_CHECK(V < (int64_t{1} << 28), "rklu_fast: vocab ", V, " too large for the CUDA kernel");
+  TORCH_CHECK(V < (int64_t{1} << 28), "rklu_fast: vocab ", rklu::num(V), " too large for the CUDA kernel");
   const bool vec = aligned16(grad.data_ptr(), V * grad.element_size());
   kl_scale_grad_kernel<<<static_cast<unsigned>(N), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
       static_cast<char*>(grad.data_ptr()), dtype_code(grad.scalar_type()), static_cast<int>(V), vec,

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 BACKEND_NAMES = ("torch", "triton", "cpu", "cuda")
 BUILD_HINT = "run `pip install --no-build-isolation --no-deps -e .` in the repository root"
+# The fused kernels (triton, cpu, cuda) read these dtypes and compute in fp32; float64 needs the `torch` backend,
+# which computes in float64 when any input is float64.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _cpp_module():
@@ -60,38 +63,57 @@ def backends() -> dict:
     return {name: _status(name) for name in BACKEND_NAMES}
 
 
-def _usable_on(name: str, device: torch.device) -> Optional[str]:
-    """None if `name` can run on `device`, else the reason it cannot."""
+def _usable_on(name: str, device_type: str) -> Optional[str]:
+    """None if `name` can run on tensors of `device_type` ("cpu", "cuda", ...), else the reason it cannot."""
     st = _status(name)
     if not st["usable"]:
         return st["reason"]
-    if name == "cpu" and device.type != "cpu":
-        return f"the cpu backend needs CPU tensors, got {device}"
-    if name == "cuda" and device.type != "cuda":
-        return f"the cuda backend needs CUDA tensors, got {device}"
-    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if name == "cpu" and device_type != "cpu":
+        return f"the cpu backend needs CPU tensors, got {device_type}"
+    if name == "cuda" and device_type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got {device_type}"
+    if name == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
-    if name == "triton" and device.type not in ("cpu", "cuda"):
-        return f"Triton needs CUDA tensors, got {device}"
+    if name == "triton" and device_type not in ("cpu", "cuda"):
+        return f"Triton needs CUDA tensors, got {device_type}"
     return None
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend name for `backend` (possibly "auto") and tensors on `device`; ValueError if unusable."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve(backend: str, device: torch.device, dtypes: Optional[Mapping[str, torch.dtype]] = None) -> str:
+    """The concrete backend name for `backend` (possibly "auto"), tensors on `device` and the dtypes of the named
+    arguments (`{"student_logits": torch.float64, ...}`); ValueError if unusable. "auto" takes the `torch` backend
+    when a dtype is not one the fused kernels read (float64: computed in float64 there)."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    name, error = _resolve(backend, device.type, tuple((dtypes or {}).items()))
+    if error is not None:
+        raise ValueError(error)
+    return name
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated once while tracing (it imports modules)
+def _resolve(backend: str, device_type: str, dtypes: tuple) -> tuple:
+    """(backend name, None), or (None, why not) for `resolve`: plain Python on constants."""
+    unfused = next(((name, dt) for name, dt in dtypes if dt not in FUSED_DTYPES), None)
+    if unfused is not None:
+        if backend in ("auto", "torch"):
+            return "torch", None
+        name, dt = unfused
+        return None, (f"{name} is {_dtype_name(dt)}; backend {backend!r} takes "
+                      f"{'/'.join(map(_dtype_name, FUSED_DTYPES))}: use backend='torch' or 'auto'")
     if backend == "auto":
         # GPU: Triton first: on an H100 it wrote the gradient 13-15 % faster than the CUDA kernel (N = 16384,
         # V = 32000 / 51200, bf16; benchmarks/results/bench_loss_nvidia-h100-80gb-hbm3_2026-11-23.md)
-        preferred = ("triton", "cuda") if device.type == "cuda" else ("cpu", "torch")
-        for name in preferred:
-            if _usable_on(name, device) is None:
-                return name
-        return "torch"
-    reason = _usable_on(backend, device)
+        preferred = ("triton", "cuda") if device_type == "cuda" else ("cpu", "torch")
+        return next((name for name in preferred if _usable_on(name, device_type) is None), "torch"), None
+    reason = _usable_on(backend, device_type)
     if reason is not None:
-        raise ValueError(f"backend={backend!r} is not usable here: {reason}")
-    return backend
+        return None, f"backend={backend!r} is not usable here: {reason}"
+    return backend, None
 
 
 def implementation(name: str):

@@ -7,6 +7,7 @@ Subcommands: finetune, augment, unlearn, run (all three, then the before/after s
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from rklu_fast.config import ConfigError, load_config
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                        help="stop after N optimizer steps of the first stage that trains, as if killed (testing)")
         p.set_defaults(stages=_STAGES[name])
+    methods = sub.add_parser("methods", help="list the unlearning methods (unlearn.method=...) and their papers",
+                             description="The unlearning methods of unlearn.method, one line each, with their paper.")
+    methods.set_defaults(func=_list_methods)
+    from rklu_fast.experiments.cli import register as register_experiments
+
+    register_experiments(sub)
     try:
         from rklu_fast.eval.cli import register
     except ImportError:
@@ -55,13 +62,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _list_methods(args) -> int:
+    from rklu_fast.train.methods import describe
+
+    for name, summary, paper in describe():
+        print(f"{name:8} {summary}\n{'':8} {paper}")
+    print("\nretain terms (unlearn.retain_term): RT (NLL on the retain set), KL (forward KL to the original), none")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not hasattr(args, "stages"):  # a subcommand registered by another module handles itself
-        return args.func(args) or 0
+    try:
+        if not hasattr(args, "stages"):  # a subcommand registered by another module handles itself
+            return args.func(args) or 0
+        return _run_stages(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the conventional 128 + SIGINT status, no traceback
+        hint = f"; continue with: {_resume_command(args)}" if hasattr(args, "stages") else ""
+        print(f"\nrklu: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def _resume_command(args) -> str:
+    """The command line that continues ``args``' interrupted run (its config and overrides, with --resume)."""
+    return shlex.join(["rklu", args.command, "--config", args.config, "--resume", *args.overrides])
+
+
+def _run_stages(args) -> int:
     from transformers.utils import logging as hf_logging
 
+    from rklu_fast.train.checkpoint import CheckpointError, CheckpointWriteError
+    from rklu_fast.train.loop import NonFiniteError
     from rklu_fast.train.pipeline import Run
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would drown the stage progress bars
@@ -69,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         run = Run(config, resume=args.resume, stop_after_steps=args.stop_after_steps)
         run.preflight(args.stages)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"rklu: error: {e}", file=sys.stderr)
         return 2
     run.save_run_info()
@@ -77,9 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(config["threads"])
-    for stage in args.stages:
-        if not getattr(run, stage)():
-            return 3  # stopped early (--stop-after-steps): continue with --resume
+    try:
+        for stage in args.stages:
+            if not getattr(run, stage)():
+                return 3  # stopped early (--stop-after-steps): continue with --resume
+    except CheckpointWriteError as e:
+        print(f"rklu: error: {e}; once the cause is fixed, continue with: {_resume_command(args)}", file=sys.stderr)
+        return 1
+    except NonFiniteError as e:
+        print(f"rklu: error: {e}", file=sys.stderr)
+        return 4
     if "unlearn" in args.stages:
         run.summary()
     return 0

@@ -6,6 +6,7 @@ fails before any compute.  The resolved config is a plain nested dict and is sav
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -15,10 +16,30 @@ class ConfigError(ValueError):
     """A bad configuration: raised before any compute, the message names the key."""
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` reading every decimal float spelling as a float: PyYAML follows YAML 1.1, whose float
+    pattern needs a dot and a signed exponent, so ``1e-5`` and ``5E-3`` would stay strings.  Used for the config
+    file and the command-line overrides alike."""
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {first: [r for r in resolvers if r[0] != _FLOAT_TAG]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_FLOAT_TAG, re.compile(r"""^(?:
+      [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?    # 1.5  1.  1.5e-3  1_000.5
+    | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?          # .5  .5e-3
+    | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+                  # 1e-5  5E-3  1e5
+    | [-+]?\.(?:inf|Inf|INF) | \.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def _optim(epochs: float, lr: float) -> dict:
     # The paper's defaults (and TOFU's): AdamW, wd 0.01, effective batch 32, linear warm-up over the first epoch,
     # then linear decay; HF Trainer's default gradient clipping at 1.0, which TOFU's runs used.
-    return {"epochs": epochs, "lr": lr, "weight_decay": 0.01, "batch_size": 32, "micro_batch_size": 4,
+    return {"epochs": float(epochs), "lr": lr, "weight_decay": 0.01, "batch_size": 32, "micro_batch_size": 4,
             "warmup_epochs": 1.0, "max_grad_norm": 1.0,
             # memory options (docs/memory-and-scale.md): adamw | adamw_bf16 (bf16 weights: model.dtype=bfloat16)
             # | adamw_8bit; bf16_update: kahan | stochastic (how adamw_bf16 lands small updates)
@@ -53,40 +74,61 @@ DEFAULTS: dict = {
     "finetune": {"original": None, "oracle": None, "make_oracle": True, **_optim(5, 1e-5)},
     # Stage 2: the augmented model: the original fine-tuned further on the forget set.
     "augment": {"model": None, **_optim(10, 1e-5)},
-    # Stage 3: the student starts from the original and is distilled from the teacher l_o - alpha*relu(l_aug - l_o).
+    # Stage 3: the student starts from the original and trains with `method` (`rklu methods` lists them; RKLU
+    # distils from the teacher l_o - alpha*relu(l_aug - l_o)). beta/delta/forget_weight: null = the method's
+    # default (docs/methods.md); refusals: the IDK/DPO refusal file (null: TOFU's idontknow.jsonl);
+    # retain_kl_positions: answer | all (TOFU's code); dpo_form: tofu | open-unlearning (x 2/beta);
+    # teacher_form: logits (the paper's) | logprobs | centered_mean | centered_median (docs/methods.md).
     "unlearn": {"method": "rklu", "alpha": 8.0, "retain_term": "RT", "retain_weight": 1.0, "backend": "auto",
-                **_optim(10, 1e-5)},
+                "beta": None, "delta": None, "forget_weight": None, "refusals": None,
+                "retain_kl_positions": "answer", "dpo_form": "tofu", "teacher_form": "logits", **_optim(10, 1e-5)},
     # Teacher source of `unlearn` (docs/memory-and-scale.md): online (both models run every step) | cached (one
     # forward over the forget set, then the models are freed) | auto (cached when it fits in half the free host
     # memory, or when cache_dir is set). cache_dir: memory-map the cache there (reused if it matches the run).
-    "teacher": {"mode": "auto", "cache_dir": None},
+    # dtype: auto (the frozen models' output dtype: bf16 under bf16 precision) | float32 (their LM heads computed
+    # in fp32 and the cache stored in fp32: α multiplies the heads' bf16 rounding, docs/methods.md "Precision").
+    # store: combined (the cache holds the teacher l_t: half the memory, α fixed) | pair (l_o and l_aug: α sweeps
+    # reuse one cache_dir).
+    "teacher": {"mode": "auto", "cache_dir": None, "dtype": "auto", "store": "combined"},
     # LoRA (docs/pipeline.md): augment trains an adapter on the original, unlearn trains the student as a second
     # adapter; original = adapters off, so one copy of the base weights serves all three. finetune stays full.
     # target_modules: all-linear or a list of module names (q_proj, v_proj, ...); merge: also write <role>/merged/.
     "lora": {"enabled": False, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "merge": False},
     "log": {"every": 1, "tensorboard": True},
-    "checkpoint": {"keep_last": 1},  # epoch checkpoints kept per stage (the final model is always kept)
+    # keep_last: intact epoch checkpoints kept per stage (the final model is always kept); with 2, a damaged latest
+    # one still leaves one to resume from.  1 halves the disk a 7B run needs (≈ 40 GB per full checkpoint).
+    # every_epoch: false writes no epoch checkpoints (a killed stage then restarts; benchmarks/whole_run.py).
+    "checkpoint": {"keep_last": 2, "every_epoch": True},
     # max_examples: examples per set for the before/after answer-probability summary.  every_epoch: TOFU metrics
     # of the unlearning student at every epoch boundary (docs/evaluation.md) on the first ds_size rows per split
     # (TOFU: 300), data from source (null: the default TOFU folder); max_new_tokens caps generations (null: TOFU's
     # max_length-200 rule); forget quality compares with the oracle when the run has one.
+    # `rklu experiment ...` settings (rklu_fast/experiments/); a free-form mapping the stages never read.
+    "experiment": None,
     "eval": {"max_examples": 200, "every_epoch": False, "ds_size": 300, "batch_size": 16, "max_new_tokens": None,
              "source": None},
 }
+# Keys whose default is null (the method's default) but that take a number when set.
+_OPTIONAL_NUMBERS = {("unlearn", "beta"), ("unlearn", "delta"), ("unlearn", "forget_weight")}
+# Keys whose default is null but that take a string (a path) when set.
+_OPTIONAL_STRINGS = {("unlearn", "refusals")}
 # Keys that may be set to null (off) although their default is a number.
 _NULLABLE = {"max_grad_norm", "max_examples", "retain"}
 # Keys whose value is a free-form mapping (not checked key by key).
-_FREE = {("model", "random_init")}
+_FREE = {("model", "random_init"), ("experiment",)}
 # Keys that take a string or a list of strings.
 _STR_OR_LIST = {("lora", "target_modules")}
 _CHOICES = {
     ("precision",): ("bf16", "fp16", "no"),
     ("model", "template"): ("llama2", "phi", "plain"),
     ("data", "kind"): ("tofu", "text"),
-    ("unlearn", "method"): ("rklu", "fklu"),
     ("unlearn", "retain_term"): ("RT", "KL", "none"),
+    ("unlearn", "retain_kl_positions"): ("answer", "all"),
+    ("unlearn", "dpo_form"): ("tofu", "open-unlearning"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("teacher", "mode"): ("auto", "online", "cached"),
+    ("teacher", "dtype"): ("auto", "float32"),
+    ("teacher", "store"): ("combined", "pair"),
     **{(stage, "optimizer"): ("adamw", "adamw_bf16", "adamw_8bit") for stage in ("finetune", "augment", "unlearn")},
     **{(stage, "bf16_update"): ("kahan", "stochastic") for stage in ("finetune", "augment", "unlearn")},
 }
@@ -110,7 +152,10 @@ def _set_dotted(config: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value, e.g. unlearn.epochs=2")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = _yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML: {e}") from None
     update: dict = {}
     node = update
     parts = key.strip().split(".")
@@ -118,6 +163,9 @@ def _set_dotted(config: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     _merge(config, update)
+
+
+_KIND = {int: "an integer (e.g. 2, not 2.0)", bool: "true or false", str: "a string"}
 
 
 def _check_types(config: dict, defaults: dict, prefix: tuple = ()) -> None:
@@ -129,6 +177,11 @@ def _check_types(config: dict, defaults: dict, prefix: tuple = ()) -> None:
             continue
         if path in _FREE and value is not None and not isinstance(value, dict):
             raise ConfigError(f"{name}: must be a mapping or null, got {value!r}")
+        if path in _OPTIONAL_NUMBERS and value is not None and (isinstance(value, bool)
+                                                                or not isinstance(value, (int, float))):
+            raise ConfigError(f"{name}: must be a number or null (the method's default), got {value!r}")
+        if path in _OPTIONAL_STRINGS and value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name}: must be a path or null, got {value!r}")
         if default is None or (value is None and key in _NULLABLE):
             continue
         if path in _STR_OR_LIST:
@@ -138,7 +191,7 @@ def _check_types(config: dict, defaults: dict, prefix: tuple = ()) -> None:
             continue
         expected = (int, float) if isinstance(default, float) else type(default)
         if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
-            raise ConfigError(f"{name}: must be {getattr(expected, '__name__', 'a number')}, got {value!r}")
+            raise ConfigError(f"{name}: must be {_KIND.get(expected, 'a number')}, got {value!r}")
         if path in _CHOICES and value not in _CHOICES[path]:
             raise ConfigError(f"{name}: must be one of {list(_CHOICES[path])}, got {value!r}")
 
@@ -182,11 +235,33 @@ def _check_values(c: dict) -> None:
     if c["data"]["retain"] is None and c["unlearn"]["retain_term"] != "none":
         raise ConfigError(f"unlearn.retain_term: {c['unlearn']['retain_term']!r} needs data.retain; "
                           "set unlearn.retain_term=none or give a retain split")
+    keep = c["checkpoint"]["keep_last"]
+    if keep < 1:
+        raise ConfigError(f"checkpoint.keep_last: must be ≥ 1 (1 keeps only the latest epoch checkpoint), got {keep!r}")
     threads = c["threads"]
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads: must be a positive int or null, got {threads!r}")
-    if c["unlearn"]["alpha"] < 0:
-        raise ConfigError(f"unlearn.alpha: must be ≥ 0, got {c['unlearn']['alpha']!r}")
+    u = c["unlearn"]
+    from rklu_fast.train.methods import METHODS  # the registry (imported here: torch is heavy for `rklu --help`)
+
+    if u["method"] not in METHODS:
+        raise ConfigError(f"unlearn.method: unknown method {u['method']!r}; choose one of {list(METHODS)} "
+                          "(`rklu methods` describes them)")
+    from rklu_fast.reference import TEACHER_FORMS
+
+    if u["teacher_form"] not in TEACHER_FORMS:
+        raise ConfigError(f"unlearn.teacher_form: must be one of {list(TEACHER_FORMS)}, got {u['teacher_form']!r}")
+    if u["alpha"] < 0:
+        raise ConfigError(f"unlearn.alpha: must be ≥ 0, got {u['alpha']!r}")
+    if u["beta"] is not None and u["beta"] <= 0:
+        raise ConfigError(f"unlearn.beta: must be > 0, got {u['beta']!r}")
+    if u["forget_weight"] is not None and u["forget_weight"] < 0:
+        raise ConfigError(f"unlearn.forget_weight: must be ≥ 0, got {u['forget_weight']!r}")
+    if u["retain_weight"] < 0:
+        raise ConfigError(f"unlearn.retain_weight: must be ≥ 0, got {u['retain_weight']!r}")
+    if "refusals" in METHODS[u["method"]].uses and c["data"]["kind"] != "tofu":
+        raise ConfigError(f"unlearn.method: {u['method']!r} pairs forget questions with refusals; it needs "
+                          "data.kind tofu (question-answer pairs)")
     ev = c["eval"]
     for key in ("ds_size", "batch_size", "max_new_tokens"):
         if ev[key] is not None and (isinstance(ev[key], bool) or not isinstance(ev[key], int) or ev[key] < 1):
@@ -199,6 +274,9 @@ def _check_values(c: dict) -> None:
                               f"{list(FORGET_SPLITS)}, got kind {c['data']['kind']!r}, forget "
                               f"{c['data']['forget']!r}")
     lora = c["lora"]
+    if lora["enabled"] and c["teacher"]["dtype"] == "float32":
+        raise ConfigError("teacher.dtype: float32 heads are not available with LoRA (the frozen views share the "
+                          "student's LM head); use teacher.dtype=auto or full-parameter unlearning")
     if lora["enabled"]:
         if isinstance(lora["r"], bool) or not isinstance(lora["r"], int) or lora["r"] < 1:
             raise ConfigError(f"lora.r: must be a positive int, got {lora['r']!r}")
@@ -218,7 +296,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not path.is_file():
             raise FileNotFoundError(f"config: no such file {str(path)!r}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
         _merge(config, data)

@@ -21,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from rklu_fast.backends import resolve
-from rklu_fast.loss import _FLOAT_DTYPES, _REDUCTIONS, _own_version
+from rklu_fast.loss import _FLOAT_DTYPES, _REDUCTIONS, _check_positive_count, _own_version
 
 __all__ = ["fused_linear_reverse_kl_loss", "fused_linear_forward_kl_loss", "chunk_rows", "supports_fused_linear",
            "fused_linear_parts", "CHUNK_BUDGET_BYTES"]
@@ -197,6 +197,7 @@ def _setup_context(ctx, inputs, output):
      compact_teacher, grad_hidden, grad_weight, grad_bias, reduce, chunk_size, compute_dtype, backend) = inputs
     ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no zeros [V, d] in the backward
     ctx.reduce = reduce
+    ctx.loss_dtype = row_scale.dtype
     ctx.computed = (grad_hidden, grad_weight, grad_bias)  # the op hands out only the gradients it was asked for
     ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -215,7 +216,7 @@ def _backward(ctx, grad_loss, _g_dh, _g_dw, _g_db):
         return (None,) * 18
     if ctx.reduce:
         dh, dw, db = ctx.saved_tensors
-        go = grad_loss.to(torch.float32)
+        go = grad_loss.to(ctx.loss_dtype)
         first = not ctx.backwards_done
         ctx.backwards_done = True
         if first and not (torch.compiler.is_compiling() or is_fake(go)):
@@ -233,7 +234,7 @@ def _backward(ctx, grad_loss, _g_dh, _g_dw, _g_db):
     else:
         hidden, weight, bias, original, augmented, valid = ctx.saved_tensors
         _, dh, dw, db = torch.ops.rklu_fast.fused_linear_kl(
-            hidden, weight, bias, original, augmented, valid, grad_loss.to(torch.float32), *ctx.args[:4],
+            hidden, weight, bias, original, augmented, valid, grad_loss.to(ctx.loss_dtype), *ctx.args[:4],
             wants[0], wants[1], wants[2], True, *ctx.args[4:])
     return ((dh if wants[0] else None), (dw.to(ctx.weight_dtype) if wants[1] else None),
             (db.to(ctx.bias_dtype) if wants[2] else None)) + (None,) * 15
@@ -291,17 +292,6 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return weight.dtype
 
 
-def _resolve_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
-    """`resolve`, except that float64 logits need the `torch` backend (the fused kernels read bf16/fp16/fp32)."""
-    if dtype == torch.float64 and backend in ("auto", "torch"):
-        return "torch"
-    name = resolve(backend, device)
-    if dtype == torch.float64:
-        raise ValueError(f"hidden and weight are float64; backend {name!r} takes bfloat16/float16/float32: "
-                         "use backend='torch' or 'auto'")
-    return name
-
-
 def _check_options(alpha, temperature, reduction, teacher_rows, num_items_in_batch, ignore_index, chunk_size):
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
         raise TypeError(f"alpha must be a finite real number, got {alpha!r}")
@@ -322,6 +312,7 @@ def _check_options(alpha, temperature, reduction, teacher_rows, num_items_in_bat
                                 f"got a {num_items_in_batch.dtype} tensor of shape {tuple(num_items_in_batch.shape)}")
         elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Integral):
             raise TypeError(f"num_items_in_batch must be an int or a 0-d tensor, got {num_items_in_batch!r}")
+        _check_positive_count(num_items_in_batch, sync_ok=False)
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
@@ -332,7 +323,7 @@ def _check_options(alpha, temperature, reduction, teacher_rows, num_items_in_bat
 def _fused_kl_loss(hidden, weight, original_logits, augmented_logits, alpha, *, bias, labels, ignore_index, mask,
                    temperature, reduction, num_items_in_batch, teacher_rows, chunk_size, backend, reverse):
     _check_float("hidden", hidden)
-    if hidden.dim() < 2:
+    if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [N, d] or [B, T, d], got shape {tuple(hidden.shape)}")
     d = hidden.shape[-1]
     device = hidden.device
@@ -342,6 +333,8 @@ def _fused_kl_loss(hidden, weight, original_logits, augmented_logits, alpha, *, 
                          f"transpose), got shape {tuple(weight.shape)}")
     _check_device("weight", weight, device)
     v = weight.shape[0]
+    if v == 0:
+        raise ValueError(f"weight has 0 rows (shape {tuple(weight.shape)}): a distribution needs at least one entry")
     if bias is not None:
         _check_float("bias", bias)
         if tuple(bias.shape) != (v,):
@@ -351,7 +344,7 @@ def _fused_kl_loss(hidden, weight, original_logits, augmented_logits, alpha, *, 
         if t is None and name == "augmented_logits":
             continue
         _check_float(name, t)
-        if t.dim() < 2:
+        if t.dim() not in (2, 3):
             raise ValueError(f"{name} must be [M, V] or [B, T, V], got shape {tuple(t.shape)}")
         if t.shape[-1] != v:
             raise ValueError(f"{name} has vocab size {t.shape[-1]}, but weight has {v} rows (vocab entries)")
@@ -371,18 +364,24 @@ def _fused_kl_loss(hidden, weight, original_logits, augmented_logits, alpha, *, 
                          f"(shape {tuple(hidden.shape)}); with teacher_rows='valid' the teacher holds one row per "
                          "valid row")
     compute_dtype = _compute_dtype(hidden, weight, bias)
-    resolved = _resolve_backend(backend, device, compute_dtype)
+    dtypes = {name: t.dtype for name, t in (("original_logits", original_logits),
+                                            ("augmented_logits", augmented_logits)) if t is not None}
+    dtypes["hidden"] = compute_dtype  # the student's logits are in the GEMMs' dtype
+    resolved = resolve(backend, device, dtypes)
+    # float64 anywhere is computed in float64 (by the torch backend): the loss and its scale are float64 then
+    loss_dtype = torch.float64 if torch.float64 in dtypes.values() else torch.float32
 
     valid = torch.ones(n, dtype=torch.bool, device=device)
     if labels is not None:
         valid = _row_mask("labels", labels, row_shape, device, integer=True) != ignore_index
     if mask is not None:
         valid = valid & _row_mask("mask", mask, row_shape, device, integer=False)
-    if reduction == "mean":
-        divisor = valid.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=device)
-        row_scale = 1.0 / divisor.detach().to(torch.float32).clamp(min=1.0)
+    if reduction == "mean" and num_items_in_batch is None:
+        row_scale = 1.0 / valid.sum().to(loss_dtype).clamp(min=1.0)  # no valid row: 0/1, not 0/0
+    elif reduction == "mean":
+        row_scale = 1.0 / torch.as_tensor(num_items_in_batch, device=device).detach().to(loss_dtype)
     else:
-        row_scale = torch.ones((), dtype=torch.float32, device=device)
+        row_scale = torch.ones((), dtype=loss_dtype, device=device)
 
     def unit_stride(x):
         return x if x is None or x.stride(-1) == 1 else x.contiguous()

@@ -98,6 +98,7 @@ def kl_div(student: torch.Tensor, original: torch.Tensor, augmented: Optional[to
     """(loss_rows · grad_scale `[N]`, gradient `[padded rows, V]` or `[0]`, `applied` `[padded rows]` or `[0]`).
 
     `teacher_row[i]` is the logical row of `original`/`augmented` compared with logical student row i, or −1.
+    The loss rows and `applied` have grad_scale's dtype: float32, or float64 when the inputs are computed in float64.
     """
     impl = implementation(backend)
     s2, s_lay = _as_rows(student)
@@ -114,12 +115,12 @@ def kl_div(student: torch.Tensor, original: torch.Tensor, augmented: Optional[to
     padded_teacher_row = torch.full((n_pad,), -1, dtype=torch.int64, device=student.device)
     padded_teacher_row[student_at] = teacher_at
     if n_pad == 0:
-        loss_pad = torch.zeros(0, dtype=torch.float32, device=student.device)
+        loss_pad = torch.zeros(0, dtype=grad_scale.dtype, device=student.device)
         grad = student.new_zeros((0, student.shape[-1])) if compute_grad else student.new_empty(0)
     else:
         loss_pad, grad = impl.kl_fwd(s2, o2, a2, padded_teacher_row, grad_scale, alpha, inv_temperature,
                                      reverse, compute_grad)
-    applied = torch.ones(n_pad if compute_grad else 0, dtype=torch.float32, device=student.device)
+    applied = torch.ones(n_pad if compute_grad else 0, dtype=grad_scale.dtype, device=student.device)
     return loss_pad[student_at] * grad_scale, grad, applied
 
 
@@ -128,8 +129,8 @@ def _(student, original, augmented, teacher_row, grad_scale, alpha, inv_temperat
       backend):
     n_pad = _layout_used(student).padded_rows
     grad = student.new_empty((n_pad, student.shape[-1]) if compute_grad else (0,))
-    applied = student.new_empty((n_pad if compute_grad else 0,), dtype=torch.float32)
-    return teacher_row.new_empty(teacher_row.shape, dtype=torch.float32), grad, applied
+    applied = student.new_empty((n_pad if compute_grad else 0,), dtype=grad_scale.dtype)
+    return teacher_row.new_empty(teacher_row.shape, dtype=grad_scale.dtype), grad, applied
 
 
 def _own_version(t: torch.Tensor) -> torch.Tensor:
@@ -150,11 +151,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_rows, _grad_grad, _grad_applied):
     grad, applied = ctx.saved_tensors
-    if grad_rows is None or grad.numel() == 0 and applied.numel() == 0:
+    if grad_rows is None:
         return (None,) * 10
     lay = ctx.layout
-    g = torch.ones(lay.padded_rows, dtype=torch.float32, device=grad.device)  # 1 on gap rows: nothing to do
-    g[_logical_rows(lay, grad.device)] = grad_rows.to(torch.float32)
+    if grad.numel() == 0:  # no rows (or no vocab): the gradient is an empty zero tensor, not None
+        return (grad.new_zeros(ctx.shape),) + (None,) * 9
+    g = torch.ones(lay.padded_rows, dtype=applied.dtype, device=grad.device)  # 1 on gap rows: nothing to do
+    g[_logical_rows(lay, grad.device)] = grad_rows.to(applied.dtype)
     first = not ctx.backwards_done
     ctx.backwards_done = True
     if first and not (torch.compiler.is_compiling() or is_fake(grad)):
@@ -165,7 +168,7 @@ def _backward(ctx, grad_rows, _grad_grad, _grad_applied):
         # Graph capture (torch.compile, opcheck) cannot mutate a forward output in the backward, and a later
         # backward (retain_graph=True) must not change a gradient already handed out: scale out of place.
         ratio = torch.where(g != applied, g / applied, 1.0)  # exactly 1 where unchanged: bitwise the same
-        grad = (grad.to(torch.promote_types(grad.dtype, torch.float32)) * ratio.unsqueeze(-1)).to(grad.dtype)
+        grad = (grad.to(torch.promote_types(grad.dtype, ratio.dtype)) * ratio.unsqueeze(-1)).to(grad.dtype)
     # The logical rows of the padded gradient in the student's shape: a view, the gradient is not copied.
     v = ctx.shape[-1]
     grouped = grad.as_strided((lay.groups, lay.per_group, v), (lay.group_stride * v, v, 1))
@@ -181,10 +184,12 @@ def _check_logits(name: str, x, v: Optional[int] = None) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {x.dtype}")
-    if x.dim() < 2:
+    if x.dim() not in (2, 3):
         raise ValueError(f"{name} must be [N, V] or [B, T, V], got shape {tuple(x.shape)}")
     if v is not None and x.shape[-1] != v:
         raise ValueError(f"{name} has vocab size {x.shape[-1]}, but student_logits has {v}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has vocab size 0 (shape {tuple(x.shape)}): a distribution needs at least one entry")
 
 
 def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
@@ -204,6 +209,21 @@ def _row_mask(name: str, x, row_shape, device, integer: bool) -> torch.Tensor:
                          f"(the op never shifts: pass labels[:, 1:] with logits[:, :-1]), got {tuple(x.shape)}")
     _check_device(name, x, device)
     return x.reshape(-1)
+
+
+def _check_positive_count(num, sync_ok: bool) -> None:
+    """num_items_in_batch must be > 0. A tensor is checked only where that costs no host sync: on the CPU, outside
+    torch.compile (or anywhere with check_finite=True); on an accelerator a stream-ordered device assert checks it."""
+    if not isinstance(num, torch.Tensor):
+        if num <= 0:
+            raise ValueError(f"num_items_in_batch must be > 0 (the divisor of reduction='mean'), got {num}")
+    elif torch.compiler.is_compiling():
+        return
+    elif num.device.type == "cpu" or sync_ok:
+        if not bool(num > 0):
+            raise ValueError(f"num_items_in_batch must be > 0 (the divisor of reduction='mean'), got {num.item()}")
+    elif num.device.type != "meta":
+        torch._assert_async(num > 0, "num_items_in_batch must be > 0 (the divisor of reduction='mean')")
 
 
 def _check_finite(student, original, augmented, valid, teacher_row, reverse):
@@ -267,9 +287,13 @@ def _kl_loss(student_logits, original_logits, augmented_logits, alpha, *, labels
                                 f"got a {num_items_in_batch.dtype} tensor of shape {tuple(num_items_in_batch.shape)}")
         elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Integral):
             raise TypeError(f"num_items_in_batch must be an int or a 0-d tensor, got {num_items_in_batch!r}")
+        _check_positive_count(num_items_in_batch, check_finite)
     if not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    resolved = resolve(backend, device)
+    dtypes = {name: t.dtype for name, t in [("student_logits", student_logits)] + teachers if t is not None}
+    resolved = resolve(backend, device, dtypes)
+    # float64 anywhere is computed in float64 (by the torch backend): the loss and its scale are float64 then
+    loss_dtype = torch.float64 if torch.float64 in dtypes.values() else torch.float32
 
     # Which rows count: labels != ignore_index and mask, as a flat bool [N] on the device.
     valid = torch.ones(n, dtype=torch.bool, device=device)
@@ -289,14 +313,19 @@ def _kl_loss(student_logits, original_logits, augmented_logits, alpha, *, labels
     elif teacher_rows == "valid" and not torch.compiler.is_compiling():
         # No host sync on an accelerator: a stream-ordered device assert stops the kernel reading past the teacher.
         torch._assert_async(valid.sum() == m, "teacher_rows='valid': valid student rows != teacher rows")
+    elif teacher_rows == "valid":
+        # Under torch.compile (no assert op to keep): a count mismatch points every valid row at teacher row m, one
+        # past the end, which every backend refuses without reading it (an error, a device assert, or NaN rows).
+        teacher_row = torch.where(valid & (valid.sum() != m), m, teacher_row)
     if check_finite:
         _check_finite(student_logits, original_logits, augmented_logits, valid, teacher_row.clamp(min=0), reverse)
 
-    if reduction == "mean":
-        divisor = valid.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=device)
-        grad_scale = 1.0 / divisor.detach().to(torch.float32).clamp(min=1.0)
+    if reduction == "mean" and num_items_in_batch is None:
+        grad_scale = 1.0 / valid.sum().to(loss_dtype).clamp(min=1.0)  # no valid row: 0/1, not 0/0
+    elif reduction == "mean":
+        grad_scale = 1.0 / torch.as_tensor(num_items_in_batch, device=device).detach().to(loss_dtype)
     else:
-        grad_scale = torch.ones((), dtype=torch.float32, device=device)
+        grad_scale = torch.ones((), dtype=loss_dtype, device=device)
 
     def unit_stride(x):
         return x if x is None or x.stride(-1) == 1 else x.contiguous()
@@ -312,9 +341,10 @@ def _kl_loss(student_logits, original_logits, augmented_logits, alpha, *, labels
 
 _DOC_ARGS = """
     Args:
-        student_logits: `[N, V]` or `[B, T, V]` (bf16/fp16/fp32/fp64), the model being trained; gradients flow here.
+        student_logits: `[N, V]` or `[B, T, V]` (bf16/fp16/fp32/fp64, V ≥ 1), the model being trained; gradients
+            flow here.
         original_logits: the original model's logits, same vocab; the student's row shape with
-            `teacher_rows="all"`, or one row per valid student row (any leading shape) with `"valid"`.
+            `teacher_rows="all"`, or one row per valid student row (`[M, V]` or `[B, T, V]`) with `"valid"`.
         augmented_logits: the augmented model's logits (shape of `original_logits`) or None: then the teacher is
             `original_logits` itself.
         alpha: teacher `l_t = l_o − α·relu(l_aug − l_o)`; `−inf` wherever `l_o = −inf`.
@@ -323,8 +353,10 @@ _DOC_ARGS = """
             gradient and may hold anything, NaN included.
         temperature: distributions are `softmax(z/T)`; no `T²` factor.
         reduction: "mean" (sum over valid rows ÷ number of valid rows, at least 1), "sum", or "none" (per-row
-            losses in the row shape, 0 on ignored rows). The result is float32.
-        num_items_in_batch: int or 0-d tensor replacing the divisor of "mean" (gradient accumulation).
+            losses in the row shape, 0 on ignored rows). The result is float32, float64 when an input is float64
+            (then computed in float64 by the torch backend, which "auto" picks).
+        num_items_in_batch: int or 0-d tensor > 0 replacing the divisor of "mean" (gradient accumulation); a
+            tensor is checked only without a host sync (on the CPU; a device assert on a GPU; not under compile).
         check_finite: raise ValueError (syncing the host) for NaN or +inf in a valid row or a valid row with no
             distribution; otherwise such rows give NaN/inf losses, never a silent finite number.
         teacher_rows: "all" or "valid" (see `original_logits`).

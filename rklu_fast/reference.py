@@ -1,10 +1,11 @@
 """The plain-PyTorch implementation: the formulas of the loss, stated once for Python.
 
-* `teacher_logits` and `reference_kl` are ordinary autograd-differentiable functions (float64-capable): the oracle
-  the tests compare every backend with, and what `torch.autograd.gradcheck` checks.
+* `teacher_logits` (with `augmented_shift`: the teacher forms) and `reference_kl` are ordinary
+  autograd-differentiable functions (float64-capable): the oracle the tests compare every backend with, and what
+  `torch.autograd.gradcheck` checks.
 * `kl_fwd` / `kl_scale_grad_` are the `torch` backend of the kernel contract (docs/kernel-contract.md): they
   materialise `[N, V]` temporaries, compute the loss from the row statistics of `rklu_fast.row_stats` and write
-  the analytical gradient, in float64 for float64 inputs and float32 otherwise.
+  the analytical gradient, in float64 when any input is float64 and float32 otherwise.
 """
 from __future__ import annotations
 
@@ -15,12 +16,63 @@ import torch
 from rklu_fast.row_stats import NEG_INF, kl_from_stats, partial_stats
 
 
+TEACHER_FORMS = ("logits", "logprobs", "centered_mean", "centered_median")
+
+
+def augmented_shift(original_logits: torch.Tensor, augmented_logits: torch.Tensor, form: str) -> torch.Tensor:
+    """The per-row scalar `c` (shape `[..., 1]`, float32 at least) of a teacher form `l_o − α·relu(l_aug − c − l_o)`.
+
+    - `logits`: c = 0 (the paper's teacher: raw logits, not invariant to a softmax shift of `l_aug`);
+    - `logprobs`: c = LSE(l_aug) − LSE(l_o) (the teacher compares log-softmaxes);
+    - `centered_mean` / `centered_median`: c = mean / median of `l_aug − l_o` over the row's entries where both
+      are finite (the augmented model's typical drift is not penalised).
+    A row whose `c` is not finite (no finite entry, NaN) is a ValueError (checked here; a host sync).
+    """
+    if form not in TEACHER_FORMS:
+        raise ValueError(f"teacher_form: must be one of {TEACHER_FORMS}, got {form!r}")
+    dtype = torch.promote_types(torch.promote_types(original_logits.dtype, augmented_logits.dtype), torch.float32)
+    lo, la = original_logits.to(dtype), augmented_logits.to(dtype)
+    if form == "logits":
+        return torch.zeros(lo.shape[:-1] + (1,), dtype=dtype, device=lo.device)
+    if form == "logprobs":
+        c = torch.logsumexp(la, -1, keepdim=True) - torch.logsumexp(lo, -1, keepdim=True)
+    else:
+        both = torch.isfinite(lo) & torch.isfinite(la)
+        d = torch.where(both, la - lo, torch.nan)
+        c = d.nanmean(-1, keepdim=True) if form == "centered_mean" else _nan_median(d)
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError(f"teacher_form={form!r}: a row's shift is not finite (a row with no finite entry in both "
+                         "the original's and the augmented model's logits, or NaN logits)")
+    return c
+
+
+def _nan_median(d: torch.Tensor) -> torch.Tensor:
+    """Median of each row's non-NaN entries, the mean of the two middle ones for an even count (as numpy's;
+    ``torch.nanmedian`` takes the lower one); NaN for a row with none."""
+    k = (~torch.isnan(d)).sum(-1, keepdim=True)
+    s = d.sort(-1).values  # NaN sorts last
+    lo_i, hi_i = ((k - 1) // 2).clamp(min=0), (k // 2).clamp(max=d.shape[-1] - 1)
+    mid = (s.gather(-1, lo_i) + s.gather(-1, hi_i)) / 2
+    return torch.where(k > 0, mid, torch.nan)
+
+
+def shifted_augmented(original_logits: torch.Tensor, augmented_logits: torch.Tensor, form: str) -> torch.Tensor:
+    """`l_aug − c` of a teacher form (`augmented_logits` itself, untouched, for `logits`; float32 at least else)."""
+    if form == "logits":
+        return augmented_logits
+    c = augmented_shift(original_logits, augmented_logits, form)
+    return augmented_logits.to(c.dtype) - c
+
+
 def teacher_logits(original_logits: torch.Tensor, augmented_logits: Optional[torch.Tensor],
-                   alpha: float) -> torch.Tensor:
-    """`l_t = l_o − α·relu(l_aug − l_o)`, and `−inf` wherever `l_o = −inf`; `l_o` itself without `augmented`.
+                   alpha: float, form: str = "logits") -> torch.Tensor:
+    """`l_t = l_o − α·relu(l_aug − c − l_o)` (`c` of the teacher `form`, 0 for the paper's `logits`), and `−inf`
+    wherever `l_o = −inf`; `l_o` itself without `augmented`.
 
     Computed in the wider of the two dtypes (float32 at least). NaN in either input stays NaN.
     """
+    if augmented_logits is not None:
+        augmented_logits = shifted_augmented(original_logits, augmented_logits, form)
     dtype = torch.promote_types(original_logits.dtype, torch.float32)
     if augmented_logits is not None:
         dtype = torch.promote_types(dtype, augmented_logits.dtype)
@@ -60,7 +112,8 @@ def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 def kl_fwd(student: torch.Tensor, original: torch.Tensor, augmented: Optional[torch.Tensor],
            teacher_row: torch.Tensor, grad_scale: torch.Tensor, alpha: float, inv_temperature: float,
            reverse: bool, compute_grad: bool):
-    """Contract `kl_fwd`: per-row loss (fp32 `[N]`) and `grad_scale·∂loss_row/∂student` (student dtype) or `[0]`."""
+    """Contract `kl_fwd`: per-row loss (`[N]`, grad_scale's dtype) and `grad_scale·∂loss_row/∂student` (student
+    dtype) or `[0]`."""
     n, v = student.shape
     dtype = _compute_dtype(student, original, augmented)
     valid = teacher_row >= 0
@@ -78,7 +131,7 @@ def kl_fwd(student: torch.Tensor, original: torch.Tensor, augmented: Optional[to
         b = t.to(dtype) * inv_temperature
     stats = partial_stats(a, b)
     kl = kl_from_stats(stats, reverse)
-    loss_rows = torch.where(valid, kl, 0).to(torch.float32)
+    loss_rows = torch.where(valid, kl, 0).to(grad_scale.dtype)
     if not compute_grad:
         return loss_rows, student.new_empty(0)
     m_s, s_s = stats.m_s.unsqueeze(-1), stats.s_s.unsqueeze(-1)
@@ -99,7 +152,7 @@ def kl_fwd(student: torch.Tensor, original: torch.Tensor, augmented: Optional[to
 
 def kl_scale_grad_(grad: torch.Tensor, applied: torch.Tensor, grad_output_rows: torch.Tensor) -> None:
     """Contract `kl_scale_grad_`: rescale each row of `grad` from `applied[r]` to `grad_output_rows[r]` in place."""
-    g = grad_output_rows.to(torch.float32)
+    g = grad_output_rows.to(applied.dtype)
     ratio = torch.where(g != applied, g / applied, 1.0)  # exactly 1 where nothing changes: bitwise stable
-    grad.copy_(grad.to(torch.promote_types(grad.dtype, torch.float32)) * ratio.unsqueeze(-1))
+    grad.copy_(grad.to(torch.promote_types(grad.dtype, ratio.dtype)) * ratio.unsqueeze(-1))
     applied.copy_(g)

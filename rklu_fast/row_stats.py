@@ -59,7 +59,12 @@ def _merge_side(m1, s1, w1, m2, s2, w2):
     # A side whose max is −inf holds nothing (S = W = 0): its factor is irrelevant, keep it finite.
     f1 = torch.where(m1 == NEG_INF, 0, torch.exp(m1 - m_safe))
     f2 = torch.where(m2 == NEG_INF, 0, torch.exp(m2 - m_safe))
-    return m, s1 * f1 + s2 * f2, w1 * f1 + w2 * f2
+    # A +inf numerator stays +inf even where its factor underflows to 0 (a max jump past ~88 in fp32): not inf·0.
+    return m, s1 * f1 + s2 * f2, _rescaled(w1, f1) + _rescaled(w2, f2)
+
+
+def _rescaled(w, f):
+    return torch.where(w == float("inf"), w, w * f)
 
 
 def merge(x: RowStats, y: RowStats) -> RowStats:

@@ -47,7 +47,7 @@ def _to_out(x, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _kl_fwd_kernel(S, O, A, TR, LOSS, G, SCALE, s_stride, o_stride, a_stride, V, alpha, inv_t,
+def _kl_fwd_kernel(S, O, A, TR, M, LOSS, G, SCALE, s_stride, o_stride, a_stride, V, alpha, inv_t,
                    HAS_AUG: tl.constexpr, REVERSE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
                    BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr, L2_HINTS: tl.constexpr):
     # L2_HINTS: pass 1 asks L2 to keep the row (evict_last) for pass 2, whose reads are the row's last use
@@ -56,12 +56,18 @@ def _kl_fwd_kernel(S, O, A, TR, LOSS, G, SCALE, s_stride, o_stride, a_stride, V,
     row = tl.program_id(0).to(tl.int64)
     t_row = tl.load(TR + row)
     offs = tl.arange(0, BLOCK)
-    if t_row < 0:  # ignored row: read nothing, write zeros
-        tl.store(LOSS + row, 0.0)
+    # M teacher rows: a row index past them (a compact teacher of the wrong length, which only a device-side check
+    # can see without a host sync) is never read; the row's loss and gradient are NaN. TRITON_DEBUG=1 also asserts.
+    tl.device_assert(t_row < M, "rklu_fast: teacher_row past the teacher's rows")
+    past_end = t_row >= M
+    if (t_row < 0) | past_end:  # ignored row: read nothing, write zeros (NaN past the end)
+        fill = tl.where(past_end, float("nan"), 0.0)
+        tl.store(LOSS + row, fill)
         if COMPUTE_GRAD:
+            fill_block = (tl.zeros([BLOCK], dtype=tl.float32) + fill).to(G.dtype.element_ty)
             for start in range(0, V, BLOCK):
                 cols = start + offs
-                tl.store(G + row * V + cols, tl.zeros([BLOCK], dtype=G.dtype.element_ty), mask=cols < V)
+                tl.store(G + row * V + cols, fill_block, mask=cols < V)
     else:
         s_off = row * s_stride
         o_off = t_row * o_stride
@@ -89,14 +95,16 @@ def _kl_fwd_kernel(S, O, A, TR, LOSS, G, SCALE, s_stride, o_stride, a_stride, V,
             f_t = tl.exp(m_t - mt)
             sum_s = sum_s * f_s + tl.sum(e_a, 0)
             sum_t = sum_t * f_t + tl.sum(e_b, 0)
-            if REVERSE:  # own −inf: 0; finite against −inf: +inf
+            # own −inf: 0; finite against −inf: +inf. A +inf numerator stays +inf when rebased to a much larger
+            # max (its factor underflows to 0 past a jump of ~88, and inf·0 would be NaN).
+            if REVERSE:
                 diff = tl.where(a_ok, a, 0.0) - tl.where(a_ok, b, 0.0)
                 term = tl.where(a_ok & (b == NEG_INF), float("inf"), e_a * diff)
-                w = w * f_s + tl.sum(term, 0)
+                w = tl.where(w == float("inf"), w, w * f_s) + tl.sum(term, 0)
             else:
                 diff = tl.where(b_ok, b, 0.0) - tl.where(b_ok, a, 0.0)
                 term = tl.where(b_ok & (a == NEG_INF), float("inf"), e_b * diff)
-                w = w * f_t + tl.sum(term, 0)
+                w = tl.where(w == float("inf"), w, w * f_t) + tl.sum(term, 0)
             m_s = new_m_s
             m_t = new_m_t
         if REVERSE:
@@ -149,6 +157,8 @@ def _bf16_by_hand(dtype: torch.dtype) -> bool:
 
 # GPU launch overrides for benchmarks/tune_kernels.py (None: the measured rule in _launch_shape).
 GPU_LAUNCH = {"block": None, "warps": None, "l2_hints": True}
+# The interpreter's widest chunk (its cost is per chunk); tests lower it to run rows of several chunks.
+INTERPRET_BLOCK = 8192
 
 
 def _launch_shape(v: int):
@@ -157,7 +167,7 @@ def _launch_shape(v: int):
     On an H100 (benchmarks/results/tune_kernels_*.json, N = 16384 bf16, gradient-writing): V = 32000 is fastest
     with 4096-wide chunks and 16 warps, V = 51200 with 2048 and 8; L2 hints help by 5-15 %."""
     if _INTERPRET:  # the interpreter's cost is per chunk: few, wide chunks
-        return min(triton.next_power_of_2(v), 8192), 1, False
+        return min(triton.next_power_of_2(v), INTERPRET_BLOCK), 1, False
     cap, warps = (4096, 16) if v <= 32768 else (2048, 8)
     block = min(triton.next_power_of_2(v), GPU_LAUNCH["block"] or cap)
     warps = GPU_LAUNCH["warps"] or warps
@@ -179,7 +189,7 @@ def kl_fwd(student, original, augmented, teacher_row, grad_scale, alpha: float, 
     block, warps, hints = _launch_shape(v)
     if n:
         with _device_of(student):
-            _kl_fwd_kernel[(n,)](student, original, aug, teacher_row, loss, grad, grad_scale,
+            _kl_fwd_kernel[(n,)](student, original, aug, teacher_row, original.shape[0], loss, grad, grad_scale,
                                  student.stride(0), original.stride(0), aug.stride(0), v, float(alpha),
                                  float(inv_temperature), HAS_AUG=augmented is not None, REVERSE=bool(reverse),
                                  COMPUTE_GRAD=bool(compute_grad), BLOCK=block,

@@ -35,7 +35,7 @@ def test_overrides_reach_nested_keys():
 
 @pytest.mark.parametrize("override,message", [
     ("unlearn.epoch=2", "unlearn.epoch: unknown key"),
-    ("unlearn.method=ga", "unlearn.method: must be one of"),
+    ("unlearn.method=gd", "unlearn.method: unknown method 'gd'; choose one of"),
     ("unlearn.epochs=two", "unlearn.epochs: must be"),
     ("unlearn.batch_size=30", "unlearn.batch_size: 30 is not a multiple"),
     ("unlearnepochs", "expected key=value"),

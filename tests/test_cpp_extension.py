@@ -197,9 +197,9 @@ def test_opcheck_raw_ops():
 @pytest.mark.parametrize("bad,match", [
     (dict(student=torch.zeros(2, 8, dtype=torch.float64)), "student must be float32"),
     (dict(original=torch.zeros(2, 9)), "original has vocab 9"),
-    (dict(rows=torch.tensor([0, 1], dtype=torch.int32)), "teacher_row must be int64"),
-    (dict(rows=torch.tensor([0, 5])), "teacher_row\\[1\\] = 5"),
-    (dict(student=torch.zeros(8, 2).t()), "stride\\(1\\) == 1"),
+    (dict(rows=torch.tensor([0, 1], dtype=torch.int32)), "teacher_row must be int64 of shape \\[2\\], got Int \\[2\\]"),
+    (dict(rows=torch.tensor([0, 5])), "teacher_row\\[1\\] = 5 but the teacher has 2 rows"),
+    (dict(student=torch.zeros(8, 2).t()), "stride\\(1\\) == 1 \\(rows may be strided\\), got strides \\[1, 2\\]"),
 ])
 def test_bad_arguments_name_the_argument(bad, match):
     args = dict(student=torch.zeros(2, 8), original=torch.zeros(2, 8), rows=torch.tensor([0, 1]))

@@ -3,7 +3,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rklu_fast.data.chunks import chunk_text
-from rklu_fast.data.collate import collate, count_answer_tokens
+from rklu_fast.data.collate import collate, target_mask
 from rklu_fast.data.tokenizer import load_or_train_tokenizer, train_bpe_tokenizer
 from tiny_pipeline import tokenizer_dir
 
@@ -20,7 +20,7 @@ def test_collate_pads_right_and_masks():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert count_answer_tokens(batch["labels"]) == 2  # next-token targets: labels[:, 1:] not ignored
+    assert int(target_mask(batch["labels"]).sum()) == 2  # next-token targets: labels[:, 1:] not ignored
 
 
 def test_collate_errors():

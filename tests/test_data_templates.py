@@ -19,20 +19,24 @@ def test_rendered_strings_match_tofu():
     assert get_template("phi").prompt(Q) == "Question: " + Q + "\n"
 
 
+# The prompt and the supervised continuation of (Q, A), written out by hand from TOFU's model_config.yaml.
+HAND = {"llama2": ("[INST] " + Q + " [/INST]", A), "phi": ("Question: " + Q + "\n", "Answer: " + A)}
+
+
 @pytest.mark.parametrize("name", ["llama2", "phi"])
 def test_label_mask_question_masked_answer_and_eos_in_loss(tok, name):
-    t = get_template(name)
-    enc = encode_qa(tok, t, Q, A, max_length=500)
-    full_ids = tok(t.full(Q, A), add_special_tokens=True)["input_ids"]
-    n_q = len(tok.tokenize(t.prompt(Q), add_special_tokens=True))  # TOFU: prompt tokens incl. BOS
-    assert enc["input_ids"] == full_ids + [tok.eos_token_id]  # EOS appended
-    assert enc["input_ids"][0] == tok.bos_token_id
-    assert enc["labels"][:n_q] == [-100] * n_q
-    assert enc["labels"][n_q:] == enc["input_ids"][n_q:]  # answer (Phi: with its "Answer: " tag) and EOS
-    assert enc["labels"][-1] == tok.eos_token_id
-    answer_text = tok.decode([i for i in enc["labels"] if i != -100], skip_special_tokens=True)
-    assert answer_text == t.answer(A)
-    assert enc["attention_mask"] == [1] * len(enc["input_ids"])
+    """The masked positions decode to exactly the hand-written prompt (after BOS), the positions in the loss to
+    exactly the hand-written answer followed by EOS: the mask boundary sits where the text's boundary is."""
+    prompt, answer = HAND[name]
+    enc = encode_qa(tok, get_template(name), Q, A, max_length=500)
+    ids, labels = enc["input_ids"], enc["labels"]
+    n_masked = labels.index(next(t for t in labels if t != -100))
+    assert labels[:n_masked] == [-100] * n_masked and -100 not in labels[n_masked:]  # one masked prefix
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id  # BOS (masked) … EOS (in the loss)
+    assert tok.decode(ids[1:n_masked]) == prompt
+    assert labels[n_masked:] == ids[n_masked:]
+    assert tok.decode(labels[n_masked:-1]) == answer and labels[-1] == tok.eos_token_id
+    assert enc["attention_mask"] == [1] * len(ids)
 
 
 def test_truncated_example_gets_no_eos(tok):

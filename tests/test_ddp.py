@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rklu_fast.train.sampling import loss_scale, num_answer_tokens, rank_slice
+from rklu_fast.data.collate import count_targets
+from rklu_fast.train.sampling import loss_scale, rank_slice
 
 N_EXAMPLES, BATCH, MICRO, VOCAB = 16, 8, 2, 64
 
@@ -48,9 +49,9 @@ class _Counting:
     def __getattr__(self, name):
         return getattr(self.method, name)
 
-    def loss(self, logits, batch, teacher, num_items):
-        self.seen += len(batch["input_ids"])
-        return self.method.loss(logits, batch, teacher, num_items)
+    def loss(self, student, batch, frozen, counts, want_stats=False):
+        self.seen += len(batch["forget"]["input_ids"])
+        return self.method.loss(student, batch, frozen, counts, want_stats)
 
 
 def _run(out_dir: str) -> None:
@@ -58,6 +59,7 @@ def _run(out_dir: str) -> None:
     from accelerate import Accelerator
 
     from rklu_fast.train import loop
+    from rklu_fast.train.frozen import Frozen
     from rklu_fast.train.methods import make_method, make_retain_term
     from rklu_fast.train.teacher import OnlineTeacher
 
@@ -68,7 +70,7 @@ def _run(out_dir: str) -> None:
     examples = _examples()
     method = _Counting(make_method("rklu", alpha=8.0, backend="torch"))
     loop.train(student, _Tokenizer(), method, examples, stage, out_dir,
-               accelerator, teacher=OnlineTeacher(original, augmented), retain_examples=examples[::-1],
+               accelerator, frozen=Frozen(teacher=OnlineTeacher(original, augmented)), retain_examples=examples[::-1],
                retain_term=make_retain_term("RT"), seed=3, tensorboard=False)
     with open(os.path.join(out_dir, f"seen-rank{accelerator.process_index}.json"), "w") as f:
         json.dump(method.seen, f)
@@ -118,15 +120,42 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     assert any(not torch.equal(w1[k], w0[k]) for k in w1)  # it trained
 
 
-def test_rank_slices_partition_the_step():
-    items = list(range(12))
-    assert [rank_slice(items, r, 3) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-    assert rank_slice(items, 0, 1) == items
-    with pytest.raises(ValueError, match="do not split evenly over 5"):
-        rank_slice(items, 0, 5)
+def test_rank_shares_reproduce_the_single_process_step():
+    """What the ranks compute from their slices — each rank's gradient of ``loss_scale(W) · (token NLL summed over
+    its share) / count_targets(whole step)``, averaged over ranks as DDP does — is the gradient of one process's
+    mean token NLL over the whole step, with torch's ``cross_entropy(reduction="mean")`` on the padded, shifted
+    batch as the independent reference; and the slices are the step's examples, in order, each once."""
+    seed = int(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(8):  # ragged questions and answers: shares differ in their token counts
+        q, a = (int(x) for x in torch.randint(1, 9, (2,), generator=g))
+        ids = torch.randint(1, VOCAB, (q + a,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * q + ids[q:]})
+    embed = torch.randn(VOCAB, 16, generator=g, dtype=torch.float64)
+    head = torch.randn(16, VOCAB, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def padded(batch):
+        n = max(len(e["input_ids"]) for e in batch)
+        ids = torch.tensor([e["input_ids"] + [0] * (n - len(e["input_ids"])) for e in batch])
+        labels = torch.tensor([e["labels"] + [-100] * (n - len(e["labels"])) for e in batch])
+        return embed[ids] @ head, labels  # a tiny "model": logits [B, T, V]
+
+    logits, labels = padded(examples)
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+    (expected,) = torch.autograd.grad(reference, head)
+    for world in (1, 2, 4):
+        shares = [rank_slice(examples, r, world) for r in range(world)]
+        assert [e for share in shares for e in share] == examples, world
+        grads = []
+        for share in shares:
+            logits, labels = padded(share)
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                                    reduction="sum")
+            grads.append(torch.autograd.grad(loss_scale(world) * nll / count_targets(examples), head)[0])
+        torch.testing.assert_close(sum(grads) / world, expected, rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"world {world}, seed {seed}: {m}")
+    with pytest.raises(ValueError, match="do not split evenly over 3"):
+        rank_slice(examples, 0, 3)
     with pytest.raises(ValueError, match="rank: must lie in"):
-        rank_slice(items, 3, 3)
-    ex = _examples()
-    # the normaliser counts labels[1:] that are not ignored (the loss op never shifts: logits[:, :-1] vs labels[1:])
-    assert num_answer_tokens(ex[:2]) == sum(sum(t != -100 for t in e["labels"][1:]) for e in ex[:2])
-    assert loss_scale(4) == 4.0
+        rank_slice(examples, 4, 4)

@@ -28,7 +28,8 @@ def qa_examples(rng):
         for _ in range(n_answers):
             answer = rng.integers(1, VOCAB, rng.integers(1, 20)).tolist()
             ids = question + answer
-            examples.append({"input_ids": ids, "labels": [-100] * len(question) + answer, "attention_mask": [1] * len(ids)})
+            examples.append({"input_ids": ids, "labels": [-100] * len(question) + answer,
+                             "attention_mask": [1] * len(ids)})
     for _ in range(3):
         text = rng.integers(1, VOCAB, rng.integers(2, 15)).tolist()
         examples.append({"input_ids": text, "labels": [-100] + text[1:], "attention_mask": [1] * len(text)})

@@ -248,6 +248,16 @@ def test_bf16_and_autocast():
         assert rel(g, r.double()) <= 1e-2
 
 
+def test_float64_is_computed_in_float64():
+    """float64 hidden and weight take the `torch` backend under "auto" and give a float64 loss and gradients."""
+    hidden, weight, b, original, augmented, labels, mask = make(dtype=torch.float64)
+    loss, grads = run(rklu_fast.fused_linear_reverse_kl_loss, hidden, weight, b, original, augmented, ALPHA,
+                      labels=labels, mask=mask, chunk_size=5)
+    ref_loss, ref_grads = float64_reference(hidden, weight, b, original, augmented, ALPHA, (labels != -100) & mask)
+    assert loss.dtype == torch.float64 and abs(float(loss) - float(ref_loss)) <= 1e-12 * abs(float(ref_loss))
+    assert all(g.dtype == torch.float64 and rel(g, r) <= 1e-12 for g, r in zip(grads, ref_grads))
+
+
 def test_torch_compile_matches_eager():
     def step(h, w, b, o, a, labels):  # the causal-LM shift: hidden[:, :-1] with labels[:, 1:]
         return rklu_fast.fused_linear_reverse_kl_loss(h[:, :-1], w, o[:, :-1], a[:, :-1], 4.0, bias=b,
@@ -322,6 +332,9 @@ def call(**changes):
     (dict(temperature=-1.0), ValueError, "temperature must be"),
     (dict(num_items_in_batch=3, reduction="sum"), ValueError, "num_items_in_batch replaces"),
     (dict(backend="jax"), ValueError, "backend must be"),
+    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be > 0"),
+    (dict(weight=torch.randn(0, 5), original_logits=torch.randn(2, 3, 0)), ValueError, "weight has 0 rows"),
+    (dict(hidden=H.double(), weight=W.double(), backend="cpu"), ValueError, "hidden is float64; backend 'cpu'"),
     (dict(original_logits=O[:1], labels=torch.zeros(2, 3, dtype=torch.long), teacher_rows="valid"), ValueError,
      "6 valid rows, 3 teacher rows"),
 ])

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import rklu_fast
+from loss_support import CPU_BACKENDS
 
 S = torch.randn(2, 3, 11, requires_grad=True)
 O = torch.randn(2, 3, 11)
@@ -43,10 +44,37 @@ def call(**changes):
     (dict(augmented_logits=A.clone().requires_grad_()), ValueError, "augmented_logits requires grad"),
     (dict(original_logits=O[:, :2], augmented_logits=A[:, :2], labels=LABELS, teacher_rows="valid"),
      ValueError, "6 valid rows, 4 teacher rows"),
+    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be > 0 .*got 0"),
+    (dict(num_items_in_batch=-3), ValueError, "num_items_in_batch must be > 0 .*got -3"),
+    (dict(num_items_in_batch=torch.tensor(0)), ValueError, "num_items_in_batch must be > 0 .*got 0"),
+    (dict(num_items_in_batch=torch.tensor(-3.0)), ValueError, "num_items_in_batch must be > 0 .*got -3"),
+    (dict(student_logits=torch.randn(2, 3, 0), original_logits=torch.randn(2, 3, 0), augmented_logits=None),
+     ValueError, r"student_logits has vocab size 0 \(shape \(2, 3, 0\)\)"),
+    (dict(student_logits=S.reshape(1, 2, 3, 11), original_logits=O.reshape(6, 11), augmented_logits=None),
+     ValueError, r"student_logits must be \[N, V\] or \[B, T, V\], got shape \(1, 2, 3, 11\)"),
+    (dict(original_logits=O.reshape(1, 2, 3, 11), augmented_logits=None),
+     ValueError, r"original_logits must be \[N, V\] or \[B, T, V\], got shape \(1, 2, 3, 11\)"),
 ])
 def test_bad_input(changes, error, pattern):
     with pytest.raises(error, match=pattern):
         call(**changes)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 11), (0, 5, 11), (3, 0, 11)], ids=str)
+def test_no_rows_gives_zero_loss_and_zero_gradient(backend, shape):
+    s = torch.randn(shape, requires_grad=True)
+    for reduction in ("mean", "sum"):
+        loss = rklu_fast.reverse_kl_loss(s, torch.randn(shape), torch.randn(shape), reduction=reduction,
+                                         backend=backend)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert s.grad is not None and torch.equal(s.grad, torch.zeros(shape))
+        s.grad = None
+    rows = rklu_fast.forward_kl_loss(s, torch.randn(shape), reduction="none", backend=backend)
+    assert rows.shape == shape[:-1]
+    (g,) = torch.autograd.grad(rows.sum(), s)
+    assert torch.equal(g, torch.zeros(shape))
 
 
 @pytest.mark.parametrize("name", ["cpu", "cuda", "triton"])

@@ -143,6 +143,51 @@ def test_neg_inf_rules(backend):
     assert math.isnan(rows_f[3].item())
 
 
+@pytest.fixture
+def small_triton_blocks(monkeypatch):
+    """Triton chunks of 1024 entries, like the C++ CPU kernel's: a row of 4500 spans five chunks on every backend
+    that chunks (the torch backend reads whole rows; the CUDA kernel's threads stride over the row)."""
+    try:
+        from rklu_fast import triton_kl
+    except ImportError:
+        return
+    monkeypatch.setattr(triton_kl, "INTERPRET_BLOCK", 1024)
+    monkeypatch.setitem(triton_kl.GPU_LAUNCH, "block", 1024)
+
+
+def late_max_rows(v=4500):
+    """Rows spanning several chunks whose maximum arrives late, 200 above the first chunk's (e^{-200} underflows in
+    fp32), with −inf entries before it. Returns student, original, augmented (finite except where set)."""
+    s, o = torch.randn(6, v), torch.randn(6, v)
+    a = o + torch.randn(6, v)
+    s[0, 3500:3600] += 200; o[0, 10:20] = -INF           # reverse: +inf in chunk 0, then the student max jumps
+    s[1, 5:8] = -INF; o[1, 4000:4100] += 200             # forward: +inf in chunk 0, then the teacher max jumps
+    s[2, ::97] = -INF; o[2, ::97] = -INF                 # −inf on both sides in every chunk: finite both ways ...
+    s[2, 4200:] += 200; o[2, 4200:] += 200               # ... with a late max on both
+    o[3, 1000:1100] = -INF; a[3, 1000:1100] = 9.0        # teacher −inf across a chunk boundary, whatever l_aug
+    s[3, 2100:2200] += 200; o[3, 2100:2200] += 200       # forward finite; reverse +inf
+    a[4, :2000] = -INF                                   # l_aug −inf: the teacher is l_o there
+    s[4, 3000:3050] += 200; o[4, 3000:3050] += 200
+    s[5, 4400:] += 200                                   # only the student jumps: large but finite both ways
+    return s, o, a
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Triton's interpreter (numpy) on the inf rows
+@pytest.mark.parametrize("reverse", [True, False], ids=["reverse", "forward"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_neg_inf_and_late_max_across_chunks(backend, reverse, small_triton_blocks):
+    s, o, a = late_max_rows()
+    rows, grad = run(backend, s, o, a, alpha=2.0, reverse=reverse)
+    ref_rows, ref_grad = oracle(s, o, a, 2.0, reverse=reverse)
+    inf_rows = [0, 3] if reverse else [1]
+    assert ref_rows[inf_rows].eq(INF).all(), "the oracle's +inf rows: a finite logit against −inf"
+    assert rows[inf_rows].eq(INF).all(), f"+inf expected, got {rows[inf_rows].tolist()}"
+    finite = [r for r in range(6) if r not in inf_rows]
+    assert torch.isfinite(ref_rows[finite]).all()
+    assert_rows_close(rows[finite], ref_rows[finite])
+    assert_grad_close(grad[finite], ref_grad[finite], torch.float32)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_nan_in_a_valid_row_gives_nan(backend):
@@ -169,6 +214,24 @@ def test_reference_gradcheck():
     for reverse in (True, False):
         assert torch.autograd.gradcheck(
             lambda x: reference_kl(x, o, a, 4.0, temperature=2.0, reverse=reverse), (s,))
+
+
+@pytest.mark.parametrize("dtype,jump", [(torch.float32, 200.0), (torch.float64, 1000.0)], ids=str)
+def test_merge_keeps_an_infinite_numerator_when_a_later_shard_has_a_much_larger_max(dtype, jump):
+    """e^{m_old − m_new} underflows to 0 past a jump of ~88 (fp32) or ~745 (fp64): +inf must stay +inf, not NaN."""
+    a = torch.randn(2, 64, dtype=dtype)
+    b = torch.randn(2, 64, dtype=dtype)
+    b[0, 3] = -INF          # reverse: a finite student against −inf in the first shard ...
+    a[0, 40:] += jump       # ... then a second shard whose student max is far larger
+    a[1, 3] = -INF          # forward: the mirror case
+    b[1, 40:] += jump
+    merged = merge(partial_stats(a[:, :32], b[:, :32]), partial_stats(a[:, 32:], b[:, 32:]))
+    assert kl_from_stats(merged, True)[0].item() == INF
+    assert kl_from_stats(merged, False)[1].item() == INF
+    # and the finite directions still equal the float64 definition
+    ref = reference_kl(a.double(), b.double(), None, reverse=False)[0]
+    torch.testing.assert_close(kl_from_stats(merged, False)[0].double(), ref,
+                               rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
 
 
 def test_vocab_parallel_partial_stats_merge():

@@ -18,7 +18,8 @@ from triton.compiler import ASTSource
 import rklu_fast.triton_kl as K
 
 target = GPUTarget("cuda", 90, 32)
-fwd_sig = {"S": "*bf16", "O": "*fp16", "A": "*fp32", "TR": "*i64", "LOSS": "*fp32", "G": "*bf16", "SCALE": "*fp32",
+fwd_sig = {"S": "*bf16", "O": "*fp16", "A": "*fp32", "TR": "*i64", "M": "i64", "LOSS": "*fp32", "G": "*bf16",
+           "SCALE": "*fp32",
            "s_stride": "i64", "o_stride": "i64", "a_stride": "i64", "V": "i32", "alpha": "fp32", "inv_t": "fp32",
            "HAS_AUG": "constexpr", "REVERSE": "constexpr", "COMPUTE_GRAD": "constexpr", "BLOCK": "constexpr",
            "BF16_BY_HAND": "constexpr", "L2_HINTS": "constexpr"}

@@ -7,6 +7,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from rklu_fast.data import encode_qa, get_template, load_tofu
 from rklu_fast.train import checkpoint, loop
+from rklu_fast.train.frozen import Frozen
 from rklu_fast.train.methods import make_method, make_retain_term
 from rklu_fast.train.teacher import OnlineTeacher
 from tiny_pipeline import tofu_dir, tokenizer_dir
@@ -40,11 +41,13 @@ def test_plan_steps_follows_the_paper():
 def test_example_stream_is_a_seeded_permutation_per_epoch():
     ex = [{"i": i} for i in range(10)]
     s = loop.ExampleStream(ex, per_step=4, seed=3)
-    first_epochs = [e["i"] for step in range(5) for e in s.step(step)]  # 20 positions = 2 epochs
+    drawn = [(epoch, e["i"]) for step in range(5) for epoch, e in s.step(step)]  # 20 positions = 2 epochs
+    first_epochs = [i for _, i in drawn]
     assert sorted(first_epochs[:10]) == list(range(10)) and sorted(first_epochs[10:]) == list(range(10))
     assert first_epochs[:10] != first_epochs[10:]
+    assert [epoch for epoch, _ in drawn] == [0] * 10 + [1] * 10  # step 2 straddles the two epochs
     again = loop.ExampleStream(ex, per_step=4, seed=3)
-    assert [e["i"] for e in again.step(3)] == first_epochs[12:16]  # a pure function of the step
+    assert [e["i"] for _, e in again.step(3)] == first_epochs[12:16]  # a pure function of the step
 
 
 def _hand_loss(model, teacher, forget, retain, tok, alpha, lam):
@@ -79,7 +82,8 @@ def test_accumulating_4_micro_batches_equals_one_big_batch(data, method, retain_
     grads = []
     for micro in (2, 8):
         model = tiny_llama(vocab, 0)
-        loop.accumulate_gradients(model, m, forget[:8], micro, tok.pad_token_id, ACC, teacher=teacher,
+        loop.accumulate_gradients(model, m, [{"forget": e} for e in forget[:8]], micro, tok.pad_token_id, ACC,
+                                  frozen=Frozen(teacher=teacher, original=teacher.original),
                                   retain_examples=retain[:8], retain_term=rt, retain_weight=0.5)
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):

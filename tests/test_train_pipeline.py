@@ -118,5 +118,7 @@ def test_run_dir_config_check_ignores_keys_added_since_at_their_defaults(tmp_pat
     Run(cfg).preflight(("finetune",))
     older["unlearn"] = {**cfg["unlearn"], "alpha": cfg["unlearn"]["alpha"] + 1}
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(older))
+    Run(cfg).preflight(("finetune",))  # nothing unlearned yet: the unlearn settings may still change
+    (tmp_path / "run" / "unlearned" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"changed: unlearn\.alpha\)"):
         Run(cfg).preflight(("finetune",))

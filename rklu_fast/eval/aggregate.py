@@ -15,13 +15,13 @@ facts}; forget quality = KS-test p-value between the forget-split ``s`` of the m
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import hmean, ks_2samp
+
+from rklu_fast.data.tofu import json_type, read_json_file
 
 # Split name → TOFU's log section name.
 SECTIONS = {"retain": "eval_log.json", "real_authors": "eval_real_author_wo_options.json",
@@ -92,6 +92,9 @@ def _values(section: dict, key: str, where: str) -> list:
     by_index = section[key]
     if not by_index:
         raise ValueError(f"log: {where!r}/{key!r} is empty")
+    if not isinstance(by_index, dict) or not all(str(k).isdigit() for k in by_index):
+        raise ValueError(f"log: {where!r}/{key!r} must map sample indices (\"0\", \"1\", …) to values, got "
+                         f"{by_index!r:.60}")
     return [by_index[k] for k in sorted(by_index, key=int)]
 
 
@@ -148,16 +151,31 @@ def scores_from_open_unlearning(data: dict) -> dict[str, SplitScores]:
     return out
 
 
-def load_scores(log) -> dict[str, SplitScores]:
-    """Per-split scores of a log: a path or an already loaded dict, TOFU or open-unlearning format."""
-    if isinstance(log, (str, os.PathLike)):
-        path = Path(log)
-        if not path.is_file():
-            raise FileNotFoundError(f"log: no such file {str(path)!r}")
-        log = json.loads(path.read_text(encoding="utf-8"))
+def load_scores(log, what: str = "log") -> dict[str, SplitScores]:
+    """Per-split scores of a log: a path or an already loaded dict, TOFU or open-unlearning format.  ``what``:
+    the argument's name in error messages, which also name the file."""
+    if not isinstance(log, (str, os.PathLike)):
+        return _scores(log)
+    data = read_json_file(log, what)
+    expected = "expected TOFU's eval_log_aggregated.json or open-unlearning's TOFU_EVAL.json (a JSON object)"
+    if not isinstance(data, dict):
+        raise TypeError(f"{what}: {log} holds a JSON {json_type(data)}; {expected}")
+    try:
+        return _scores(data)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{what}: {log}: {str(e).removeprefix('log: ')}") from None
+    except (KeyError, AttributeError, IndexError) as e:
+        raise ValueError(f"{what}: {log}: unexpected structure ({type(e).__name__}: {e}); {expected}") from None
+
+
+def _scores(log) -> dict[str, SplitScores]:
     if not isinstance(log, dict):
         raise TypeError(f"log: expected a JSON object, got {type(log).__name__}")
     if any(name in log for name in SECTIONS.values()):
+        for split, name in SECTIONS.items():
+            if name in log and not isinstance(log[name], dict):
+                raise ValueError(f"log: section {name!r} holds a JSON {json_type(log[name])}, expected an object "
+                                 "of metrics")
         return {split: scores_from_tofu_section(log[name], split) for split, name in SECTIONS.items() if name in log}
     return scores_from_open_unlearning(log)
 
@@ -196,7 +214,7 @@ def check_same_questions(a: SplitScores, b: SplitScores, what: str = "forget") -
 def aggregate(model_log, retain_log=None) -> dict:
     """``model_utility`` (with its 9 ``parts``), forget-split values and, given the retain model's log,
     ``forget_quality``. Logs are paths or loaded dicts in TOFU or open-unlearning format."""
-    scores = load_scores(model_log)
+    scores = load_scores(model_log, "model_log")
     parts = utility_parts(scores)
     result = {"model_utility": model_utility(parts), "parts": parts}
     forget = scores.get("forget")
@@ -209,7 +227,7 @@ def aggregate(model_log, retain_log=None) -> dict:
             result["forget_rougeL"] = float(np.mean(forget.rouge))
         result["forget_samples"] = len(forget)
     if retain_log is not None:
-        retain_forget = load_scores(retain_log).get("forget")
+        retain_forget = load_scores(retain_log, "retain_log").get("forget")
         if forget is None or forget.truth_stat is None:
             raise ValueError("model_log: has no forget-split truth ratios; forget quality needs them")
         if retain_forget is None or retain_forget.truth_stat is None:

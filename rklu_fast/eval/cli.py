@@ -82,6 +82,10 @@ def _cmd_tofu(args) -> int:
     template = get_template(args.template)
     if args.retain_log and not Path(args.retain_log).is_file():  # fail before the long evaluation, not after
         raise FileNotFoundError(f"--retain-log: no such file {args.retain_log!r}")
+    if args.data and Path(args.data).exists():  # a local --data is read (and its structure checked) before the model
+        from rklu_fast.data import load_tofu
+
+        load_tofu(f"{args.forget_split}_perturbed", args.data)
     model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype, args.threads)
     out = _out_dir(args, f"ds_size{args.ds_size}")
     log, seconds = evaluate_tofu(model, tokenizer, template, forget_split=args.forget_split, source=args.data,
@@ -129,6 +133,7 @@ def _cmd_leak(args) -> int:
 
 def _cmd_copyright(args) -> int:
     from rklu_fast.data import default_data_dir
+    from rklu_fast.data.tofu import read_text_file
     from rklu_fast.eval.copyright import continuation_scores, perplexity, wikitext_segments
     from rklu_fast.eval.report import write_report
 
@@ -140,7 +145,7 @@ def _cmd_copyright(args) -> int:
     model, tokenizer = _load_model(args.model, args.tokenizer, args.device, args.dtype, args.threads)
     result = {}
     if args.text:
-        text = Path(args.text).read_text(encoding="utf-8")
+        text = read_text_file(args.text, "--text")
         result["copyright"] = continuation_scores(model, tokenizer, text, max_chunks=args.max_chunks,
                                                   batch_size=args.batch_size)
     segments = wikitext_segments(wikitext, n_segments=args.segments)
@@ -153,13 +158,12 @@ def _cmd_copyright(args) -> int:
 
 
 def _cmd_plot(args) -> int:
+    from rklu_fast.data.tofu import read_json_file
     from rklu_fast.eval.plots import plot_fq_vs_mu
 
     runs = {}
     for path in args.reports:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"reports: no such file {path!r}")
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json_file(path, "reports")
         if isinstance(data, list):  # per-epoch points of one run
             runs[Path(path).stem] = data
         else:
@@ -228,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rklu")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nrklu: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 from rklu_fast.eval.aggregate import aggregate
 from rklu_fast.eval.report import epochs_markdown
 from rklu_fast.eval.tofu import TofuEvaluator
+from rklu_fast.jsonio import write_json
 
 POINTS_FILE = "eval_epochs.json"
 PLOT_FILE = "eval_epochs.png"
@@ -56,7 +57,7 @@ class EpochEvaluation:
                             "parts": result["parts"], "eval_seconds": eval_seconds, "train_seconds": train_seconds,
                             "seconds_per_split": seconds})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.points, indent=1), encoding="utf-8")
+        write_json(self.path, self.points)
         self._last_end = time.perf_counter()
 
     def finish(self, name: str = "unlearned") -> Path | None:

@@ -8,13 +8,14 @@ of whole-sequence forwards up to float rounding (the same attention over the sam
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rklu_fast.data.collate import IGNORE_INDEX, collate, pad_rows
+from rklu_fast.data.collate import IGNORE_INDEX, collate, pad_rows, to_device
 
 
 def _prefix_length(labels) -> int:
@@ -37,7 +38,7 @@ def _scored_nll(logits: torch.Tensor, labels: torch.Tensor, device) -> tuple[np.
 
 
 def _whole_batch(model, batch_examples: list[dict], pad_token_id: int, device):
-    batch = {k: v.to(device) for k, v in collate(batch_examples, pad_token_id).items()}
+    batch = to_device(collate(batch_examples, pad_token_id), device)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return _scored_nll(logits, batch["labels"], device)
 
@@ -64,8 +65,10 @@ def _shared_batch(model, prefixes: list[list[int]], batch_examples: list[dict], 
     labels = pad_rows([e["labels"][k:] for e, k in zip(batch_examples, p)], IGNORE_INDEX).to(device)
     suffix_mask = pad_rows([[1] * (len(e["input_ids"]) - k) for e, k in zip(batch_examples, p)], 0).to(device)
     positions = n_prefix[owner_t, None] + torch.arange(suffix_ids.shape[1], device=device)
-    logits = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[owner_t], suffix_mask], 1),
-                   position_ids=positions, past_key_values=cache, use_cache=True).logits
+    with warnings.catch_warnings():  # transformers 5.2x renamed it `cache`; older 5.x know only past_key_values
+        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+        logits = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[owner_t], suffix_mask], 1),
+                       position_ids=positions, past_key_values=cache, use_cache=True).logits
     return _scored_nll(logits, labels, device)
 
 

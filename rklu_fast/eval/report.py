@@ -1,8 +1,8 @@
 """Per-run reports: one JSON (everything) and one Markdown table (what a reader compares)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from rklu_fast.jsonio import write_json
 
 
 def _fmt(v) -> str:
@@ -52,6 +52,6 @@ def write_report(out_dir: str | Path, name: str, result: dict) -> tuple[Path, Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "report.json", out / "report.md"
-    js.write_text(json.dumps({"name": name, **result}, indent=1), encoding="utf-8")
+    write_json(js, {"name": name, **result})
     md.write_text(report_markdown(name, result), encoding="utf-8")
     return js, md

@@ -17,7 +17,6 @@ evaluates any number of models (evaluation after every epoch).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from rklu_fast.eval.aggregate import SECTIONS
 from rklu_fast.eval.generate import greedy_continuations, token_budgets
 from rklu_fast.eval.nll import sequence_nll
 from rklu_fast.eval.rouge import rouge_scores
+from rklu_fast.jsonio import write_json
 
 DS_SIZE = 300          # TOFU's ds_size: every split is cut to its first 300 rows
 MAX_LENGTH = 200       # TOFU's generation.max_length, also the tokenisation length of the loss inputs
@@ -104,6 +104,17 @@ class PreparedTask:
     where: np.ndarray        # [n, 2 + k]: encoding of each row's answer, base answer and k perturbed answers
     max_length: int
     seconds: float = 0.0     # time spent loading and tokenising
+
+
+def task_rows(prepared: PreparedTask, start: int, stop: int) -> PreparedTask:
+    """The rows ``[start, stop)`` of a prepared task (its encodings shared, not re-tokenised)."""
+    where = prepared.where[start:stop]
+    used = np.unique(where)
+    remap = np.full(len(prepared.examples), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return PreparedTask(prepared.task, prepared.gold[start:stop], prepared.prompts[start:stop],
+                        prepared.prompt_ids[start:stop], [prepared.examples[i] for i in used], remap[where],
+                        prepared.max_length)
 
 
 def prepare_task(tokenizer, template: Template, task: TofuTask, *, source=None, ds_size: int = DS_SIZE,
@@ -233,7 +244,7 @@ def evaluate_tofu(model, tokenizer, template: Template, *, forget_split: str = "
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_log_aggregated.json").write_text(json.dumps(log, indent=1), encoding="utf-8")
+        write_json(out / "eval_log_aggregated.json", log)
         timing = {"seconds_per_split": seconds, "forget_split": forget_split, "ds_size": ds_size}
-        (out / "eval_timing.json").write_text(json.dumps(timing, indent=1), encoding="utf-8")
+        write_json(out / "eval_timing.json", timing)
     return log, seconds

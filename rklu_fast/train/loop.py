@@ -1,34 +1,48 @@
 """The one training loop: AdamW, gradient accumulation, linear warm-up + decay, epoch checkpoints, exact resume.
 
-Read top to bottom, like nanoGPT's ``train.py``.  What differs between stages is passed in: the ``method`` (a loss
-plug-in, see ``methods.py``), an optional ``retain_term``, and the ``teacher`` source the two of them read.
+Read top to bottom, like nanoGPT's ``train.py``.  What differs between stages and methods is passed in: the
+``method`` (a loss plug-in, ``rklu_fast.train.methods``), an optional ``retain_term``, and the ``frozen`` object
+they read teacher logits, reference log-likelihoods or the original's logits from (``rklu_fast.train.frozen``).
 
 One optimizer step consumes ``batch_size`` forget examples (and as many retain examples), split into micro-batches
-of ``micro_batch_size``.  Every loss term is a sum over the step's valid answer tokens divided by their count
-(``num_items``), so accumulation reproduces the big batch exactly.  Under DDP every rank draws the same global
-step batch (a function of seed and step), keeps its fixed slice, and normalises by the whole step's counts.
+of ``micro_batch_size``.  A method may train each example on other sequences than the example itself (its
+``views``: IDK a refusal, IdkDPO a refusal and the gold answer).  Every loss term is normalised by the whole
+step's counts (``StepCounts``), so accumulation reproduces the big batch exactly.  Under DDP every rank draws
+the same global step batch (a function of seed and step), keeps its fixed slice, normalises by the whole step's
+counts, and gradients are synchronised once per step (``no_sync`` on every backward but the last).
+
+The hot path has one host sync per optimizer step: the step's losses and gradient norm are read together, to
+stop the stage on a non-finite value before the optimizer applies it (``NonFiniteError``); statistics that need
+a full-vocabulary softmax are computed only on logging steps.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from rklu_fast.data.collate import collate, count_answer_tokens
+from rklu_fast.data.collate import collate, count_targets, to_device
+from rklu_fast.progress import progress
 from rklu_fast.train import checkpoint
-from rklu_fast.train.lowmem import build_optimizer, set_gradient_checkpointing
-from rklu_fast.train.metrics import answer_probability_per_example
-from rklu_fast.train.sampling import loss_scale, num_answer_tokens, rank_slice
+from rklu_fast.train.lowmem import build_optimizer, parameter_groups, set_gradient_checkpointing
+from rklu_fast.train.methods.base import StepCounts
+from rklu_fast.train.sampling import loss_scale, rank_slice
+from rklu_fast.jsonio import dumps
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss term or gradient norm: the stage stops before the optimizer applies it."""
 
 
 class ExampleStream:
     """Examples in a fresh seeded shuffle per epoch.  Step ``s`` reads positions ``[s·k, (s+1)·k)`` of the endless
-    concatenation of epochs, so the data position is a pure function of the step: resuming needs only the step."""
+    concatenation of epochs, so the data position is a pure function of the step: resuming needs only the step.
+    ``step(s)`` gives ``(epoch, example)`` pairs: a method may draw per (seed, epoch, example) (IDK's refusals)."""
 
     def __init__(self, examples: list[dict], per_step: int, seed: int):
         if not examples:
@@ -42,9 +56,9 @@ class ExampleStream:
             self._orders = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
         return self._orders[epoch]
 
-    def step(self, step: int) -> list[dict]:
+    def step(self, step: int) -> list[tuple[int, dict]]:
         n = len(self.examples)
-        return [self.examples[self._order(pos // n)[pos % n]]
+        return [(pos // n, self.examples[self._order(pos // n)[pos % n]])
                 for pos in range(step * self.per_step, (step + 1) * self.per_step)]
 
 
@@ -55,72 +69,138 @@ def plan_steps(num_examples: int, epochs: float, batch_size: int, warmup_epochs:
     return total, max(1, math.floor(total * warmup_epochs / epochs))
 
 
-def _micro_batches(examples, size, pad_id, device):
-    for start in range(0, len(examples), size):
-        yield {k: v.to(device) for k, v in collate(examples[start:start + size], pad_id).items()}
+def epochs_touched(num_examples: int, epochs: float, batch_size: int) -> int:
+    """How many epochs (0, 1, …) the plan's steps draw from (the last may be partial)."""
+    total, _ = plan_steps(num_examples, epochs, batch_size)
+    return math.ceil(total * batch_size / num_examples)
 
 
-def _forward(model, batch):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def step_counts(forget_views: list[dict[str, dict]], retain_examples: list[dict], micro_batch_size: int,
+                world: int = 1) -> StepCounts:
+    """The normalisers of one whole step (every process computes them from the whole step's examples).
+    ``retain_positions`` counts the padded positions of the retain micro-batches the ``world`` processes form
+    from their shares (the KL term over all positions depends on padding, as TOFU's does)."""
+    names = forget_views[0].keys() if forget_views else ()
+    positions = sum(len(chunk) * max(len(e["input_ids"]) for e in chunk)
+                    for r in range(world) if retain_examples
+                    for chunk in _chunks(length_grouped(rank_slice(retain_examples, r, world)), micro_batch_size))
+    return StepCounts(tokens={name: count_targets([v[name] for v in forget_views]) for name in names},
+                      sequences=len(forget_views), retain_tokens=count_targets(retain_examples),
+                      retain_positions=positions)
 
 
-def accumulate_gradients(model, method, forget_examples: list[dict], micro_batch_size: int, pad_token_id: int,
-                         accelerator, *, teacher=None, retain_examples: list[dict] | None = None, retain_term=None,
-                         retain_weight: float = 1.0, num_items: tuple[int, int] | None = None) -> dict:
+def _chunks(items: list, size: int):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def length_grouped(items: list) -> list:
+    """The items of one step (examples, or dicts of views) sorted by length, so that each micro-batch pads to a
+    similar length: the step's sum and its normalisers do not depend on how it is split into micro-batches, only
+    the padded tokens do (stable sort: a pure function of the step's items)."""
+    def length(item):
+        views = item.values() if "input_ids" not in item else (item,)
+        return max(len(v["input_ids"]) for v in views)
+    return sorted(items, key=length)
+
+
+def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], micro_batch_size: int,
+                         pad_token_id: int, accelerator, *, frozen=None, retain_examples: list[dict] | None = None,
+                         retain_term=None, retain_weight: float = 1.0, forget_weight: float = 1.0,
+                         counts: StepCounts | None = None, want_stats: bool = False) -> dict[str, torch.Tensor]:
     """Forward/backward over the micro-batches of one optimizer step; gradients accumulate in ``.grad``.
 
-    Each forget micro-batch is paired with a retain micro-batch.  Returns the step's summed loss terms, the mean
-    forget-answer probability, the methods' stats averaged over micro-batches, and the token count.
-    ``num_items``: (forget, retain) valid-token counts of the whole step when these examples are one rank's
-    share (multi-process, see ``sampling.py``); the losses are then scaled for DDP's gradient average.
+    ``forget_views``: per forget example, its views (``method.views``); each forget micro-batch is paired with a
+    retain micro-batch.  ``counts``: the whole step's normalisers when these examples are one rank's share
+    (default: computed from them).  Returns device tensors (no host sync): the step's summed ``forget_loss`` and
+    ``retain_loss`` (each before its weight), and with ``want_stats`` the method's statistics summed over the
+    forget sequences.
     """
     retain_examples = retain_examples if retain_term is not None else []
-    f_batches = list(_micro_batches(forget_examples, micro_batch_size, pad_token_id, accelerator.device))
-    r_batches = list(_micro_batches(retain_examples, micro_batch_size, pad_token_id, accelerator.device))
-    n_forget = sum(count_answer_tokens(b["labels"]) for b in f_batches)
-    n_retain = sum(count_answer_tokens(b["labels"]) for b in r_batches)
-    if num_items is not None:  # multi-process (issue 7): normalise by the whole step's counts
-        n_forget, n_retain = num_items
+    if counts is None:
+        counts = step_counts(forget_views, retain_examples, micro_batch_size)
+    device = accelerator.device
     scale = loss_scale(accelerator.num_processes)
-    sums = {"forget_loss": 0.0, "forget_prob": 0.0, "tokens": 0}
-    extra: dict[str, list[float]] = {}
-    for i, f_batch in enumerate(f_batches):
-        with accelerator.autocast():
-            logits = _forward(model, f_batch)
-            loss, stats = method.loss(logits, f_batch, teacher, n_forget)
-        accelerator.backward(scale * loss)
-        sums["forget_loss"] += loss.item()
-        sums["forget_prob"] += answer_probability_per_example(logits.detach(), f_batch["labels"]).sum().item()
-        sums["tokens"] += int(f_batch["attention_mask"].sum())
-        for k, v in stats.items():
-            extra.setdefault(k, []).append(v)
-        del logits, loss  # free the forget graph before the retain forward
-        if retain_term is not None:
-            r_batch = r_batches[i]
+
+    def student(batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    f_chunks = _chunks(length_grouped(forget_views), micro_batch_size)
+    r_chunks = _chunks(length_grouped(retain_examples), micro_batch_size)
+    sums = {"forget_loss": torch.zeros((), device=device)}
+    if retain_term is not None:
+        sums["retain_loss"] = torch.zeros((), device=device)
+    for i, chunk in enumerate(f_chunks):
+        last = i == len(f_chunks) - 1
+        batch = {name: to_device(collate([v[name] for v in chunk], pad_token_id), device) for name in chunk[0]}
+        # one gradient synchronisation per step (DDP): every backward but the step's last skips it
+        with _sync_if(accelerator, model, last and retain_term is None):
             with accelerator.autocast():
-                r_loss, _ = retain_term.loss(_forward(model, r_batch), r_batch, teacher, n_retain)
-            accelerator.backward(scale * retain_weight * r_loss)
-            sums["retain_loss"] = sums.get("retain_loss", 0.0) + r_loss.item()
-            sums["tokens"] += int(r_batch["attention_mask"].sum())
-    sums["forget_prob"] /= len(forget_examples)
-    sums.update({k: sum(v) / len(v) for k, v in extra.items()})
+                loss, stats = method.loss(student, batch, frozen, counts, want_stats)
+            accelerator.backward(scale * forget_weight * loss)
+        sums["forget_loss"] += loss.detach()
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0) + value.detach()
+        del loss, stats, batch  # free the forget graph before the retain forward
+        if retain_term is not None:
+            r_batch = to_device(collate(r_chunks[i], pad_token_id), device)
+            with _sync_if(accelerator, model, last):
+                with accelerator.autocast():
+                    r_loss = retain_term.loss(student, r_batch, frozen, counts)
+                accelerator.backward(scale * retain_weight * r_loss)
+            sums["retain_loss"] += r_loss.detach()
     return sums
 
 
+def optimizer_step(model, optimizer, method, forget_views: list[dict[str, dict]], retain_examples: list[dict],
+                   micro_batch_size: int, pad_token_id: int, accelerator, *, frozen=None, retain_term=None,
+                   retain_weight: float = 1.0, forget_weight: float = 1.0, max_norm: float = math.inf,
+                   want_stats: bool = False, step: int = 0, params=None) -> dict[str, float]:
+    """One optimizer step of the whole step's examples (every rank passes the same, keeps its share): gradients,
+    clipping, the non-finite guard, ``optimizer.step()``.  Returns the step's summed loss terms, gradient norm and
+    (with ``want_stats``) the method's statistics summed over forget sequences, read with the step's one host
+    sync (summed over ranks when ``want_stats``).  The scheduler is the caller's."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    counts = step_counts(forget_views, retain_examples, micro_batch_size, world)
+    sums = accumulate_gradients(model, method, rank_slice(forget_views, rank, world), micro_batch_size,
+                                pad_token_id, accelerator, frozen=frozen,
+                                retain_examples=rank_slice(retain_examples, rank, world), retain_term=retain_term,
+                                retain_weight=retain_weight, forget_weight=forget_weight, counts=counts,
+                                want_stats=want_stats)
+    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    keys = sorted(sums)
+    values = torch.stack([sums[k].float() for k in keys] + [torch.as_tensor(grad_norm).float()])
+    if world > 1 and want_stats:  # the whole step: losses and statistics summed over ranks
+        values = accelerator.reduce(values, "sum") / torch.tensor([1.0] * len(keys) + [world], device=values.device)
+    named = dict(zip(keys + ["grad_norm"], values.tolist()))  # the step's one host sync
+    _check_finite(named, step, method.name, retain_term, fp16=accelerator.scaler is not None)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return named
+
+
+def _sync_if(accelerator, model, sync: bool):
+    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+
+
 def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, out_dir: str | Path, accelerator, *,
-          teacher=None, retain_examples: list[dict] | None = None, retain_term=None, retain_weight: float = 1.0,
-          seed: int = 0, resume_from: str | Path | None = None, stop_after_steps: int | None = None,
-          log_every: int = 1, tensorboard: bool = True, keep_last: int = 1, desc: str = "train",
-          on_epoch=None) -> bool:
+          frozen=None, retain_examples: list[dict] | None = None, retain_term=None, retain_weight: float = 1.0,
+          forget_weight: float = 1.0, seed: int = 0, resume_from: str | Path | None = None,
+          stop_after_steps: int | None = None, log_every: int = 1, tensorboard: bool = True, keep_last: int = 1,
+          save_checkpoints: bool = True,
+          desc: str = "train", on_epoch=None) -> bool:
     """Train ``model`` in place for one stage; epoch checkpoints go to ``out_dir/checkpoints``.
 
     ``stage``: the stage's config (epochs, lr, weight_decay, batch_size, micro_batch_size, warmup_epochs,
     max_grad_norm).  ``resume_from``: a checkpoint whose weights ``model`` already holds; the optimizer,
     scheduler, RNG and step are restored from it.  ``stop_after_steps``: return after that many steps of this
     stage (a simulated kill, for tests).  ``on_epoch(epoch, model)``: called on the main process at every epoch
-    boundary: before the first step (epoch 0, or the epoch resumed from), after each completed epoch, and after a
-    fractional last epoch (e.g. per-epoch evaluation, connected by the pipeline); it may switch the model to eval
-    mode and use the RNGs, both are restored.  Returns True when the stage ran to its last step.
+    boundary: before the first step (epoch 0, or the epoch resumed from), after each completed epoch (``epoch`` the
+    number of completed epochs, at the step that completes it), and after a fractional last epoch (e.g.
+    per-epoch evaluation, connected by the pipeline); it may switch the model to eval mode and use the RNGs, both
+    are restored.  Returns True when the stage ran to its last step; raises
+    ``NonFiniteError`` (before the optimizer step, so the last checkpoint stays good) on a NaN/inf loss or
+    gradient norm.
     """
     out_dir, pad_id = Path(out_dir), tokenizer.pad_token_id
     ckpt_dir = out_dir / "checkpoints"
@@ -130,14 +210,14 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
     forget = ExampleStream(forget_examples, batch, seed)
     retain = ExampleStream(retain_examples, batch, seed + 1) if retain_term is not None else None
 
-    # Memory options (issue 7, docs/memory-and-scale.md): optimizer choice, gradient checkpointing; LoRA
-    # students train only their adapter, so only trainable parameters go to the optimizer.
+    # Memory options (docs/memory-and-scale.md): optimizer choice, gradient checkpointing; LoRA students train only
+    # their adapter, so only trainable parameters go to the optimizer (no weight decay on biases and norms).
     set_gradient_checkpointing(model, stage.get("gradient_checkpointing", False))
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], stage.get("optimizer", "adamw"),
+    optimizer = build_optimizer(parameter_groups(model, stage["weight_decay"]), stage.get("optimizer", "adamw"),
                                 lr=stage["lr"], weight_decay=stage["weight_decay"],
                                 update=stage.get("bf16_update", "kahan"), seed=seed)
-    # Multi-process (issue 7, sampling.py): every rank draws the step's global batch and keeps its slice.
-    world, rank = accelerator.num_processes, accelerator.process_index
+    # Multi-process (sampling.py): every rank draws the step's global batch and keeps its slice.
+    world = accelerator.num_processes
     if batch % (world * micro):
         raise ValueError(f"batch_size: {batch} must be divisible by processes x micro_batch_size = "
                          f"{world} x {micro}")
@@ -153,54 +233,59 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         start = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    max_norm = stage["max_grad_norm"] if stage["max_grad_norm"] is not None else math.inf
     log = _Log(out_dir, start, tensorboard, enabled=accelerator.is_main_process)  # one writer per run
 
     def epoch_boundary(done: int) -> None:
         if on_epoch is not None and accelerator.is_main_process:
             rng = checkpoint.rng_state()  # the hook must not change what training draws next (exact resume)
-            on_epoch(round(done / steps_per_epoch, 4), accelerator.unwrap_model(model))
+            on_epoch(epoch_label(done), accelerator.unwrap_model(model))
             checkpoint.set_rng_state(rng)
             model.train()
         accelerator.wait_for_everyone()
 
+    def epoch_label(done: int) -> float:
+        """Completed epochs at an epoch boundary (an int, also when steps straddle epochs), else the fraction."""
+        whole = done * batch // len(forget_examples)
+        crossed = done == 0 or whole > (done - 1) * batch // len(forget_examples)
+        return whole if crossed else round(done / steps_per_epoch, 4)
+
     epoch_boundary(start)
 
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               disable=not accelerator.is_main_process)
+    bar = progress(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+                   disable=not accelerator.is_main_process)
     for step in range(start, total):
         t0 = time.perf_counter()
-        f_examples = forget.step(step)
-        r_examples = retain.step(step) if retain is not None else []
-        sums = accumulate_gradients(model, method, rank_slice(f_examples, rank, world), micro, pad_id, accelerator,
-                                    teacher=teacher, retain_examples=rank_slice(r_examples, rank, world),
-                                    retain_term=retain_term, retain_weight=retain_weight,
-                                    num_items=(num_answer_tokens(f_examples), num_answer_tokens(r_examples)))
-        if world > 1:  # log the whole step: sums over ranks; per-rank means become means over ranks
-            keys = sorted(sums)
-            totals = accelerator.reduce(torch.tensor([float(sums[k]) for k in keys], device=accelerator.device),
-                                        "sum").tolist()
-            sums = {k: v if k in ("forget_loss", "retain_loss", "tokens") else v / world
-                    for k, v in zip(keys, totals)}
-        grad_norm = None
-        if stage["max_grad_norm"] is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), stage["max_grad_norm"]))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        logging_step = done % log_every == 0 or done == total
+        f_views = [method.views(example, epoch) for epoch, example in forget.step(step)]
+        r_examples = [example for _, example in retain.step(step)] if retain is not None else []
+        lr = scheduler.get_last_lr()[0]
+        named = optimizer_step(model, optimizer, method, f_views, r_examples, micro, pad_id, accelerator,
+                               frozen=frozen, retain_term=retain_term, retain_weight=retain_weight,
+                               forget_weight=forget_weight, max_norm=max_norm, want_stats=logging_step, step=done,
+                               params=trainable)
+        scheduler.step()
 
-        tokens = sums.pop("tokens")
-        record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr,
-                  "loss": sums["forget_loss"] + retain_weight * sums.get("retain_loss", 0.0), **sums,
-                  "tokens_per_s": tokens / (time.perf_counter() - t0), "grad_norm": grad_norm}
-        if done % log_every == 0 or done == total:
+        if logging_step:
+            per_sequence = {k: v / len(f_views) for k, v in named.items()
+                            if k not in ("forget_loss", "retain_loss", "grad_norm")}
+            tokens = sum(len(e["input_ids"]) for v in f_views for e in v.values()) + \
+                sum(len(e["input_ids"]) for e in r_examples)
+            record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr,
+                      "loss": forget_weight * named["forget_loss"] + retain_weight * named.get("retain_loss", 0.0),
+                      "forget_loss": named["forget_loss"],
+                      **({"retain_loss": named["retain_loss"]} if "retain_loss" in named else {}),
+                      **per_sequence, "tokens_per_s": tokens / (time.perf_counter() - t0),
+                      "grad_norm": named["grad_norm"]}
             log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", p_forget=f"{record['forget_prob']:.3f}")
 
         epoch = done * batch // len(forget_examples)  # completed epochs (integer arithmetic: exact boundaries)
-        if done < total and epoch > step * batch // len(forget_examples) and accelerator.is_main_process:
+        if save_checkpoints and done < total and epoch > step * batch // len(forget_examples) \
+                and accelerator.is_main_process:
             checkpoint.save_checkpoint(ckpt_dir / f"epoch-{epoch}", accelerator.unwrap_model(model), tokenizer,
                                        step=done, optimizer=optimizer, scheduler=scheduler)
             checkpoint.prune_checkpoints(ckpt_dir, keep_last)
@@ -214,6 +299,20 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
     bar.close()
     log.close()
     return True
+
+
+def _check_finite(values: dict[str, float], step: int, method: str, retain_term, fp16: bool) -> None:
+    """Stop on a NaN/inf loss term or gradient norm (fp16's loss scaler skips inf-gradient steps by design)."""
+    for key in ("forget_loss", "retain_loss", "grad_norm"):
+        value = values.get(key, 0.0)
+        if math.isfinite(value) or (key == "grad_norm" and fp16):
+            continue
+        term = {"forget_loss": f"the forget term of {method!r}",
+                "retain_loss": f"the retain term {getattr(retain_term, 'name', '')!r}",
+                "grad_norm": "the gradient norm"}[key]
+        raise NonFiniteError(f"step {step}: {term} is {value} (method {method!r}); the stage stopped before "
+                             "applying it, the last epoch checkpoint is intact. Lower the learning rate, check the "
+                             "data, or check the checkpoint the stage started from")
 
 
 class _Log:
@@ -239,7 +338,7 @@ class _Log:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in record.items():

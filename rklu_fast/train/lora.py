@@ -16,6 +16,7 @@ with ``AutoModelForCausalLM.from_pretrained`` (transformers attaches it to the b
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,15 @@ ORIGINAL, AUGMENTED, STUDENT = None, "augmented", "student"
 ADAPTER_CONFIG = "adapter_config.json"
 # config key under `lora:` ↔ field of peft's adapter_config.json; a resumed adapter must match on all of them
 _SAVED_FIELDS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"}
+
+
+@contextmanager
+def _quiet_peft_wrap():
+    """peft (0.21) reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model, and
+    transformers then warns about peft's code: not the user's business, so that one warning is dropped here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def require_peft() -> None:
@@ -60,7 +70,8 @@ def add_adapter(model, name: str, config):
                 raise ValueError(f"adapter: {name!r} already exists on this model")
             model.add_adapter(name, config)
         else:
-            model = get_peft_model(model, config, adapter_name=name)
+            with _quiet_peft_wrap():
+                model = get_peft_model(model, config, adapter_name=name)
     except ValueError as e:
         if "not found in the base model" not in str(e):
             raise
@@ -93,7 +104,8 @@ def attach_adapter(model, name: str, config, resume_from: str | Path | None = No
     elif isinstance(model, PeftModel):
         model.load_adapter(resume_from, adapter_name=name, is_trainable=True)
     else:
-        model = PeftModel.from_pretrained(model, resume_from, adapter_name=name, is_trainable=True)
+        with _quiet_peft_wrap():
+            model = PeftModel.from_pretrained(model, resume_from, adapter_name=name, is_trainable=True)
     model.set_adapter(name)
     if base is not None:
         model.peft_config[name].base_model_name_or_path = str(Path(base).resolve()) if Path(base).exists() else base
@@ -104,14 +116,25 @@ def load_frozen_adapter(model, path: str | Path, name: str = AUGMENTED):
     """The base ``model`` with the saved adapter at ``path`` added as ``name``, frozen (the augmented model)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=False)
+    with _quiet_peft_wrap():
+        model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=False)
     model.requires_grad_(False)
     return model
 
 
 def save_adapter(directory: str | Path, model, name: str | None = None) -> None:
-    """Adapter ``name`` (default: the active one) of a ``PeftModel`` in peft's ``save_pretrained`` layout, at the
-    top of ``directory`` (peft puts adapters not named "default" in a sub-folder; moved up here)."""
+    """Adapter ``name`` (default: the active one) of a ``PeftModel`` in peft's ``save_pretrained`` layout at
+    ``directory``, written atomically with a manifest, as checkpoints are (``checkpoint.atomic_directory``)."""
+    from rklu_fast.train.checkpoint import atomic_directory, write_manifest
+
+    with atomic_directory(directory) as tmp:
+        write_adapter(tmp, model, name)
+        write_manifest(tmp)
+
+
+def write_adapter(directory: str | Path, model, name: str | None = None) -> None:
+    """``save_adapter``'s files written straight into ``directory`` (which a checkpoint writer makes atomic), at
+    its top: peft puts adapters not named "default" in a sub-folder; moved up here."""
     directory, name = Path(directory), name or model.active_adapter
     model.save_pretrained(directory, selected_adapters=[name])
     if name != "default":

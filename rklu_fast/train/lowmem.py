@@ -111,10 +111,27 @@ class BF16AdamW(torch.optim.Optimizer):
         return loss
 
 
+# Hugging Face Trainer's rule (``Trainer.get_decay_parameter_names``), which TOFU and open-unlearning train with:
+# no weight decay on LayerNorm modules' parameters, biases and parameters named like a norm (Llama's RMSNorm).
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters of ``model`` in two optimizer groups: with ``weight_decay``, and without it for
+    biases and normalisation weights (Hugging Face Trainer's groups)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n in decay], "weight_decay": weight_decay},
+              {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(params, name: str = "adamw", *, lr: float, weight_decay: float = 0.01,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, update: str = "kahan",
                     seed: int = 0) -> torch.optim.Optimizer:
-    """The optimizer named in the config (``unlearn.optimizer``).
+    """The optimizer named in the config (``unlearn.optimizer``); ``params``: parameters or parameter groups.
 
     - ``adamw``: ``torch.optim.AdamW``; states in the weights' dtype (fp32 weights: 8 bytes/param of state).
     - ``adamw_bf16``: ``BF16AdamW`` for bf16 weights: bf16 states, ``update`` = ``kahan`` | ``stochastic``.

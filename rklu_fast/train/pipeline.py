@@ -28,13 +28,23 @@ from rklu_fast.data.chunks import chunk_text
 from rklu_fast.data.templates import encode_qa, get_template
 from rklu_fast.data.tofu import load_tofu
 from rklu_fast.model_refs import from_pretrained, missing_local
+from rklu_fast.data.refusals import load_refusals
+from rklu_fast.teacher_model import is_teacher_dir, load_causal_lm
 from rklu_fast.train import checkpoint, lora, loop
-from rklu_fast.train.methods import make_method, make_retain_term
+from rklu_fast.train.frozen import Frozen, ReferenceLogProbs
+from rklu_fast.train.methods import MethodContext, make_method, make_retain_term, method_class
 from rklu_fast.train.metrics import mean_answer_probability
-from rklu_fast.train.teacher import check_same_vocab
+from rklu_fast.train.teacher import check_same_vocab, fp32_head
 from rklu_fast.train.teacher_cache import make_teacher
+from rklu_fast.jsonio import write_json
 
 ROLES = ("original", "oracle", "augmented", "unlearned")
+# Keys that say how a run executes or reports, not what it computes: a run dir may continue with other values.
+RUNTIME_KEYS = ("threads", "log", "experiment")
+# The roles a config section affects (others affect every role): a section may change while none of its roles
+# has written anything yet (e.g. a run dir of shared models, unlearned later with several settings).
+STAGE_ROLES = {"finetune": ("original", "oracle"), "augment": ("augmented",),
+               "unlearn": ("unlearned",), "teacher": ("unlearned",), "eval": ("unlearned",)}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,6 +58,9 @@ class Run:
         self.template = get_template(config["model"]["template"])
         self._accelerator = None
         self.stopped = False
+        self.stages: tuple[str, ...] = ()
+        self.refusals: list[str] | None = None
+        self._resume_points: dict = {}  # role → verified checkpoint to resume from (checkpoint.resume_point)
 
     # ------------------------------------------------------------------ checks before any compute
     def preflight(self, stages: tuple[str, ...]) -> None:
@@ -57,7 +70,8 @@ class Run:
         if saved.is_file():
             # keys the toolkit gained since the run started count as their defaults, not as changes
             old = _with_defaults(yaml.safe_load(saved.read_text()), DEFAULTS)
-            changed = sorted(_diff(old, self.cfg))
+            changed = sorted(k for k in _diff(old, self.cfg) if k.split(".")[0] not in RUNTIME_KEYS
+                             and self._has_outputs(STAGE_ROLES.get(k.split(".")[0], ROLES)))
             if changed:
                 raise ConfigError(f"run_dir: {self.dir} was started with a different config (changed: "
                                   f"{', '.join(changed)}); use a new run_dir or the same config")
@@ -67,6 +81,8 @@ class Run:
             if ckpts and not (self.dir / role / "model").is_dir() and not self.resume:
                 raise ConfigError(f"run_dir: the {role!r} stage in {self.dir} was interrupted at {ckpts[-1].name}; "
                                   "continue it with --resume (or use a new run_dir)")
+            if self.resume and not (self.dir / role / "model").is_dir():
+                self._resume_point(role)  # verified before any compute: damage is reported or refused now
         c = self.cfg
         given = {"finetune.original": c["finetune"]["original"], "finetune.oracle": c["finetune"]["oracle"],
                  "augment.model": c["augment"]["model"], "model.name_or_path": c["model"]["name_or_path"]}
@@ -74,27 +90,46 @@ class Run:
             if ref is not None and missing_local(ref):
                 raise FileNotFoundError(f"{key}: no such model directory {ref!r}")
         # the models a stage reads that no earlier stage of this command makes must exist now, not after hours
+        self.stages = tuple(stages)
         made = set(self._roles(stages))
-        needs = {"augment": [("original", "finetune")], "unlearn": [("original", "finetune"), ("augmented", "augment")]}
+        needs = {"augment": [("original", "finetune")],
+                 "unlearn": [("original", "finetune")] + ([("augmented", "augment")] if self._needs_augmented()
+                                                          else [])}
         for stage in stages:
             for role, maker in needs.get(stage, []):
                 if role not in made:
                     self._require(role, maker)
+        if "unlearn" in stages and "refusals" in method_class(self.cfg["unlearn"]["method"]).uses:
+            self.refusals = load_refusals(self.cfg["unlearn"]["refusals"])
         sizes = self._model_vocab_sizes(given)
         self.tokenizer = self._tokenizer()
         if sizes and len(self.tokenizer) > min(sizes.values()):
             raise ConfigError(f"model.tokenizer: has {len(self.tokenizer)} tokens but the models' vocab size is "
                               f"{min(sizes.values())}")
 
+    def _resume_point(self, role: str):
+        """The intact checkpoint ``role`` resumes from (damaged newer ones reported), verified once per run."""
+        if role not in self._resume_points:
+            self._resume_points[role] = checkpoint.resume_point(self.dir / role / "checkpoints")
+        return self._resume_points[role]
+
+    def _has_outputs(self, roles) -> bool:
+        """Whether any of ``roles`` has a final model or a checkpoint in this run dir."""
+        return any((self.dir / r / "model").is_dir() or (self.dir / r / "checkpoints").is_dir() for r in roles)
+
     def _roles(self, stages):
         roles = []
         if "finetune" in stages:
             roles += ["original"] + (["oracle"] if self._makes_oracle() else [])
-        if "augment" in stages:
+        if "augment" in stages and (self._needs_augmented() or "unlearn" not in stages):
             roles.append("augmented")
         if "unlearn" in stages:
             roles.append("unlearned")
         return roles
+
+    def _needs_augmented(self) -> bool:
+        """Whether the unlearning method reads the augmented model (RKLU/FKLU's teacher, TA, the teacher itself)."""
+        return bool(method_class(self.cfg["unlearn"]["method"]).needs & {"teacher", "augmented"})
 
     def _uses_lora(self, role: str) -> bool:
         return self.cfg["lora"]["enabled"] and role in ("augmented", "unlearned")
@@ -118,10 +153,9 @@ class Run:
                 raise ConfigError(str(e)) from None
             wanted = {**self.cfg["lora"], "target_modules": targets}
         for role in self._roles(stages) if self.resume else ():
-            ckpts = checkpoint.epoch_checkpoints(self.dir / role / "checkpoints")
-            if not ckpts or (self.dir / role / "model").is_dir():
+            if (self.dir / role / "model").is_dir() or (ckpt := self._resume_point(role)) is None:
                 continue
-            saved, where = lora.saved_settings(ckpts[-1]), f"the {role!r} checkpoint {ckpts[-1]}"
+            saved, where = lora.saved_settings(ckpt), f"the {role!r} checkpoint {ckpt}"
             if saved is not None and not self._uses_lora(role):
                 raise ConfigError(f"lora.enabled: {where} holds a LoRA adapter (r={saved['r']}) but LoRA is off "
                                   "for this stage; resume with lora.enabled=true and its settings, or use a new "
@@ -158,7 +192,8 @@ class Run:
             if ref is not None:
                 sizes[key] = from_pretrained(AutoConfig, key, ref).vocab_size
         for role in ROLES:
-            if (self.dir / role / "model").is_dir() and not lora.is_adapter_dir(self.dir / role / "model"):
+            folder = self.dir / role / "model"
+            if folder.is_dir() and not lora.is_adapter_dir(folder) and not is_teacher_dir(folder):
                 sizes[f"{role} ({self.dir / role / 'model'})"] = AutoConfig.from_pretrained(
                     self.dir / role / "model").vocab_size
         if len(set(sizes.values())) > 1:
@@ -214,7 +249,8 @@ class Run:
 
     def encode(self, records) -> list[dict]:
         if isinstance(records, str):  # plain text (Harry Potter setting)
-            return chunk_text(self.tokenizer, records, self.cfg["data"]["chunk_length"])
+            chunks = chunk_text(self.tokenizer, records, self.cfg["data"]["chunk_length"])
+            return [dict(c, index=i) for i, c in enumerate(chunks)]
         max_length = self.cfg["model"]["max_length"]
         return [dict(encode_qa(self.tokenizer, self.template, r["question"], r["answer"], max_length), index=i)
                 for i, r in enumerate(records)]
@@ -239,14 +275,17 @@ class Run:
 
         m = self.cfg["model"]
         dtype = dtype or _DTYPES[m["dtype"]]
-        if path is not None:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if path is not None:  # a save_pretrained folder, a hub id, an adapter folder or a teacher manifest
+            return load_causal_lm(path, dtype=dtype)
         if m["random_init"] is None:
             return AutoModelForCausalLM.from_pretrained(m["name_or_path"], dtype=dtype)
         spec = dict(m["random_init"])
         arch = spec.pop("architecture")
         tok = self.tokenizer
-        config = AutoConfig.for_model(arch, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+        vocab = spec.pop("vocab_size", len(tok))  # an architecture's own vocabulary may exceed the tokenizer's
+        if vocab < len(tok):
+            raise ConfigError(f"model.random_init.vocab_size: {vocab} < the tokenizer's {len(tok)} tokens")
+        config = AutoConfig.for_model(arch, vocab_size=vocab, bos_token_id=tok.bos_token_id,
                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **spec)
         torch.manual_seed(self.cfg["seed"])  # the original and the oracle start from the same weights
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -260,18 +299,20 @@ class Run:
             return True
         if self.stopped:
             return False
-        ckpts = checkpoint.epoch_checkpoints(out / "checkpoints")
-        resume_from = ckpts[-1] if ckpts and self.resume else None
+        resume_from = self._resume_point(role) if self.resume else None
         if resume_from is not None:
             print(f"[rklu] {role}: resuming from {resume_from}")
         # init: a model reference, or (LoRA) a function of the checkpoint to resume that builds the model
         model = init(resume_from) if callable(init) else self.load_model(resume_from if resume_from is not None
                                                                           else init)
+        if callable(kwargs.get("frozen")):  # LoRA: the frozen views are adapter settings of the student's model
+            kwargs["frozen"] = kwargs["frozen"](model)
         torch.manual_seed(self.cfg["seed"])
         finished = loop.train(model, self.tokenizer, method, forget, stage, out, self.accelerator,
                               seed=self.cfg["seed"], resume_from=resume_from, stop_after_steps=self.stop_after_steps,
                               log_every=self.cfg["log"]["every"], tensorboard=self.cfg["log"]["tensorboard"],
-                              keep_last=self.cfg["checkpoint"]["keep_last"], desc=role, **kwargs)
+                              keep_last=self.cfg["checkpoint"]["keep_last"],
+                              save_checkpoints=self.cfg["checkpoint"]["every_epoch"], desc=role, **kwargs)
         if not finished:
             self.stopped = True
             print(f"[rklu] {role}: stopped after {self.stop_after_steps} steps; continue with --resume")
@@ -301,8 +342,12 @@ class Run:
         return ok
 
     def augment(self) -> bool:
-        """The augmented model: the original fine-tuned further on the forget set."""
+        """The augmented model: the original fine-tuned further on the forget set (skipped by ``rklu run`` when
+        the unlearning method does not read it)."""
         if self.cfg["augment"]["model"] is not None:
+            return True
+        if "unlearn" in self.stages and not self._needs_augmented():
+            print(f"[rklu] augmented: not needed by unlearn.method={self.cfg['unlearn']['method']}, skipping")
             return True
         self._require("original", "finetune")
         original = self.model_path("original")
@@ -326,45 +371,119 @@ class Run:
                                        base=self.model_path("original"))
         return init
 
-    def unlearn(self) -> bool:
-        """The student starts from the original; the teacher is formed from the two frozen models, online or from
-        a one-pass cache of their forget-set logits (``teacher.mode``)."""
-        self._require("original", "finetune")
-        self._require("augmented", "augment")
+    def method(self):
+        """The unlearning method of ``unlearn.method`` with its hyper-parameters (defaults per forget split)."""
         u = self.cfg["unlearn"]
+        max_length = self.cfg["model"]["max_length"]
+        ctx = MethodContext(alpha=u["alpha"], beta=u["beta"], delta=u["delta"], forget_weight=u["forget_weight"],
+                            backend=u["backend"], seed=self.cfg["seed"], dpo_form=u["dpo_form"],
+                            teacher_form=u["teacher_form"],
+                            refusals=self.refusals,
+                            encode=lambda q, a: encode_qa(self.tokenizer, self.template, q, a, max_length),
+                            questions=[r["question"] for r in self.forget_records]
+                            if self.cfg["data"]["kind"] == "tofu" else None)
+        return make_method(u["method"], ctx, forget_split=self.cfg["data"]["forget"])
+
+    def unlearn(self, on_epoch=None) -> bool:
+        """The student starts from the original and trains with ``unlearn.method``; the stage builds only what
+        the method (and the retain term) read: the teacher (online, or a one-pass cache of the frozen models'
+        forget-set logits), the original's reference log-likelihoods, the original itself for the KL term.
+        Methods that do not train (``ta``, ``teacher``) build the unlearned model from the two models.
+        ``on_epoch(epoch, model)``: a hook at every epoch boundary (default: TOFU metrics with
+        ``eval.every_epoch``; experiments pass their own)."""
+        u = self.cfg["unlearn"]
+        method = self.method()
+        self._require("original", "finetune")
+        if self._needs_augmented():
+            self._require("augmented", "augment")
         if (self.dir / "unlearned" / "model").is_dir():
             print(f"[rklu] unlearned: done ({self.dir / 'unlearned' / 'model'}), skipping")
             return True
+        if not method.trains:
+            return self._build_untrained(method)
         device = self.accelerator.device
-        if self._uses_lora("unlearned"):  # one base: original = adapters off, augmented = its adapter (lora.py)
-            shared = lora.load_frozen_adapter(self.load_model(self.model_path("original"), self._frozen_dtype()),
-                                              self.model_path("augmented")).to(device)
-            original, augmented = lora.AdapterView(shared, lora.ORIGINAL), lora.AdapterView(shared, lora.AUGMENTED)
-        else:
-            original = self.load_model(self.model_path("original"), self._frozen_dtype()).to(device)
-            augmented = self.load_model(self.model_path("augmented"), self._frozen_dtype()).to(device)
-        # Teacher source (issue 7): online, or cached (one forward over the forget set; the models are then freed
-        # unless the KL retain term needs the original).
         forget = self.encode(self.forget_records)
-        teacher = make_teacher(self.cfg["teacher"]["mode"], original, augmented, forget, template=self.template,
-                               pad_token_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
-                               cache_dir=self.cfg["teacher"]["cache_dir"], keep_original=u["retain_term"] == "KL",
-                               micro_batch_size=u["micro_batch_size"], autocast=self.accelerator.autocast)
-        retain_term = make_retain_term(u["retain_term"], u["backend"])
+        retain_term = make_retain_term(u["retain_term"], u["backend"], u["retain_kl_positions"])
         retain = self.encode(self.retain_records) if retain_term is not None else None
-        # The student is checked against the teacher's models before training (same vocabulary, token by token).
-        check_same_vocab(original=original, augmented=augmented)
-        del original, augmented  # cached mode: the teacher holds no model (or only the original, for KL)
-        init = self._adapter_init(lora.STUDENT, lambda: shared) if self._uses_lora("unlearned") \
-            else self.model_path("original")
-        on_epoch = self._epoch_evaluation() if self.cfg["eval"]["every_epoch"] else None
-        done = self._train_role("unlearned", init,
-                                make_method(u["method"], alpha=u["alpha"], backend=u["backend"]),
-                                forget, u, teacher=teacher, retain_examples=retain,
-                                retain_term=retain_term, retain_weight=u["retain_weight"], on_epoch=on_epoch)
-        if done and on_epoch is not None:
+        needs_teacher = "teacher" in method.needs
+        keep_original = retain_term is not None and "original" in retain_term.needs
+        needs_original = needs_teacher or keep_original or "reference" in method.needs
+        lora_mode = self._uses_lora("unlearned")
+        if lora_mode:  # one base: original = adapters off, augmented = its adapter (lora.py)
+            shared = self.load_model(self.model_path("original"), self._frozen_dtype())
+            if needs_teacher:
+                shared = lora.load_frozen_adapter(shared, self.model_path("augmented"))
+            shared = shared.to(device)
+            init = self._adapter_init(lora.STUDENT, lambda: shared)
+
+            def frozen(student):  # views of the student's own PeftModel (built once the adapter is attached)
+                original = lora.AdapterView(student, lora.ORIGINAL) if needs_original else None
+                augmented = lora.AdapterView(student, lora.AUGMENTED) if needs_teacher else None
+                return self._frozen(method, forget, original, augmented, keep_original)
+        else:
+            original = augmented = None
+            if needs_original:
+                original = self.load_model(self.model_path("original"), self._frozen_dtype()).to(device)
+            if needs_teacher:
+                augmented = self.load_model(self.model_path("augmented"), self._frozen_dtype()).to(device)
+            # built before the student: a cached teacher frees both models first (peak memory)
+            frozen = self._frozen(method, forget, original, augmented, keep_original)
+            del original, augmented
+            init = self.model_path("original")
+        finish = on_epoch is None and self.cfg["eval"]["every_epoch"]
+        if finish:
+            on_epoch = self._epoch_evaluation()
+        done = self._train_role("unlearned", init, method, forget, u, frozen=frozen, retain_examples=retain,
+                                retain_term=retain_term, retain_weight=u["retain_weight"],
+                                forget_weight=method.ctx.forget_weight, on_epoch=on_epoch)
+        if done and finish and on_epoch is not None:
             print(f"[rklu] per-epoch evaluation: {on_epoch.path}, {on_epoch.finish()}")
         return done
+
+    def _frozen(self, method, forget: list[dict], original, augmented, keep_original: bool) -> Frozen:
+        """The frozen quantities ``method`` and the retain term read (``rklu_fast.train.frozen``)."""
+        teacher = reference = None
+        if "teacher" in method.needs:
+            check_same_vocab(original=original, augmented=augmented)
+            if self.cfg["teacher"]["dtype"] == "float32":  # heads in fp32: the cache is then fp32 too
+                fp32_head(original)
+                fp32_head(augmented)
+            teacher = make_teacher(self.cfg["teacher"]["mode"], original, augmented, forget, template=self.template,
+                                   pad_token_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
+                                   cache_dir=self.cfg["teacher"]["cache_dir"],
+                                   micro_batch_size=self.cfg["unlearn"]["micro_batch_size"],
+                                   autocast=self.accelerator.autocast, form=self.cfg["unlearn"]["teacher_form"],
+                                   store=self.cfg["teacher"]["store"], alpha=self.cfg["unlearn"]["alpha"])
+        if "reference" in method.needs:
+            u = self.cfg["unlearn"]
+            sequences = {}
+            for epoch in range(loop.epochs_touched(len(forget), u["epochs"], u["batch_size"])):
+                for example in forget:
+                    views = method.views(example, epoch)
+                    for name in method.reference_views:
+                        sequences[views[name]["key"]] = views[name]
+            reference = ReferenceLogProbs.build(original, sequences, pad_token_id=self.tokenizer.pad_token_id,
+                                                device=self.accelerator.device, batch_size=u["micro_batch_size"],
+                                                autocast=self.accelerator.autocast)
+        return Frozen(teacher=teacher, original=original if keep_original else None, reference=reference)
+
+    def _build_untrained(self, method) -> bool:
+        """``ta`` / ``teacher``: the unlearned model from the original and the augmented model, no training."""
+        out = self.dir / "unlearned" / "model"
+        original, augmented = self.model_path("original"), self.model_path("augmented")
+        model = method.build(original, augmented, self._load_merged)
+        if self.accelerator.is_main_process:
+            checkpoint.save_model(out, model, self.tokenizer)
+        self.accelerator.wait_for_everyone()
+        print(f"[rklu] unlearned ({method.name}): saved {out}")
+        return True
+
+    def _load_merged(self, reference: str):
+        """A plain model of ``reference``; a LoRA adapter folder is merged into the original's weights."""
+        if lora.is_adapter_dir(reference):
+            base = self.load_model(self.model_path("original"))
+            return lora.merged_model(lora.load_frozen_adapter(base, reference))
+        return self.load_model(reference)
 
     def _epoch_evaluation(self):
         """The hook that evaluates the student at every epoch boundary (``eval.every_epoch``, main process only):
@@ -397,7 +516,7 @@ class Run:
             model = self.load_model(self.model_path(role)).to(self.accelerator.device)
             result[label] = {name: mean_answer_probability(model, ex, self.tokenizer.pad_token_id)
                              for name, ex in sets.items()}
-        (self.dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(self.dir / "summary.json", result, indent=2)
         print("\nmean answer probability      " + "  ".join(f"{name:>8}" for name in sets))
         for label, role in (("before", "original"), ("after", "unlearned")):
             print(f"{label:>6} unlearning ({role:>9})  " + "  ".join(f"{result[label][k]:8.4f}" for k in sets))

@@ -24,12 +24,6 @@ def rank_slice(items: list, rank: int, world_size: int) -> list:
     return items[rank * share:(rank + 1) * share]
 
 
-def num_answer_tokens(examples: list[dict]) -> int:
-    """Valid next-token targets of encoded examples (``labels[1:]`` that are not -100): the normaliser of a step
-    when given the whole step's examples (equals ``collate.count_answer_tokens`` of their padded batches)."""
-    return sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
-
-
 def loss_scale(world_size: int) -> float:
     """Factor on each rank's loss so that DDP's gradient average equals the single-process gradient."""
     return float(world_size)

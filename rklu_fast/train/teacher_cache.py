@@ -7,12 +7,19 @@ whose next-token label ``labels[:, 1:]`` is not ignored, in order, in the dtype 
 teacher is then the concatenation of its examples' rows in batch order (row-major), which is what
 ``teacher_rows="valid"`` expects, so cached and online losses are computed from the same numbers.
 
-Storage: host memory (``path=None``) or a directory with two raw memory-mapped row files (``original.bin``,
-``augmented.bin``, read lazily through ``torch.from_file``) and ``meta.json``; the directory is written
-atomically and ``meta.json`` records the key (model, data and template fingerprints, dtype, vocab).  Opening a
-cache with a different key raises ``StaleTeacherCache`` naming every field that differs.
+Two layouts (``teacher.store``): ``pair`` keeps both models' rows (the teacher is formed in the loss: an α sweep
+reuses one cache); ``combined`` keeps only the teacher ``l_t`` (α and the form baked in, formed in fp32 and
+rounded once to the cache dtype): half the memory, and the loss reads 2 rows and writes 1 per position instead of
+3 + 1.
 
-Size: ``rows × vocab × itemsize × 2``; TOFU forget10 (≈ 400 answers) on Llama-2 in bf16 is a few GB.
+Storage: host memory (``path=None``) or a directory with raw memory-mapped row files (``original.bin`` and
+``augmented.bin``, or ``teacher.bin``; read lazily through ``torch.from_file``) and ``meta.json``; the directory
+is written atomically and ``meta.json`` records the key (model, data and template fingerprints, dtype, vocab,
+form, layout, α).  Opening a cache with a different key raises ``StaleTeacherCache`` naming every field that
+differs.
+
+Size: ``rows × vocab × itemsize`` per stored tensor; TOFU forget10 (≈ 400 answers) on Llama-2 in bf16 is a few
+GB.
 """
 from __future__ import annotations
 
@@ -26,8 +33,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from rklu_fast.data.collate import IGNORE_INDEX, collate
+from rklu_fast.data.collate import collate, num_targets, target_mask, to_device
 from rklu_fast.train.checkpoint import atomic_directory
+from rklu_fast.reference import shifted_augmented, teacher_logits
+from rklu_fast.train.frozen import TeacherRows
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +84,9 @@ def template_fingerprint(template) -> str:
     return _sha([json.dumps(fields, sort_keys=True).encode()])
 
 
+STORES = ("combined", "pair")
+
+
 @dataclass(frozen=True)
 class CacheKey:
     """What a cache was computed from; every field must match for the cache to be used."""
@@ -84,38 +96,61 @@ class CacheKey:
     template: str
     dtype: str
     vocab_size: int
+    teacher_form: str = "logits"   # the augmented rows are stored shifted by the form's c (reference.py)
+    store: str = "pair"            # pair: l_o and l_aug; combined: the teacher l_t itself (α baked in)
+    alpha: float | None = None     # combined only
 
 
 def answer_row_counts(labels: torch.Tensor) -> torch.Tensor:
-    """Per example, the number of valid teacher rows: labels[:, 1:] that are not ignored (the op never shifts)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    """Per example, the number of valid teacher rows: its counted targets (``target_mask``; the op never shifts)."""
+    return target_mask(labels).sum(dim=1)
 
 
-def model_logits_fn(original: torch.nn.Module, augmented: torch.nn.Module) -> Callable:
-    """The online teacher forward: ``batch -> (original logits, augmented logits)``, both ``[B, T, V]``."""
+def model_logits_fn(original: torch.nn.Module, augmented: torch.nn.Module, form: str = "logits") -> Callable:
+    """The online teacher forward: ``batch -> (original logits, augmented logits)``, both ``[B, T, V]``; with a
+    teacher ``form`` the augmented logits come shifted by its per-row ``c``, rounded back to the models' dtype."""
     @torch.no_grad()
     def logits(batch: dict):
         kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return original(**kw).logits, augmented(**kw).logits
+        lo, la = original(**kw).logits, augmented(**kw).logits
+        return lo, shifted_augmented(lo, la, form).to(la.dtype)
     return logits
 
 
 class TeacherCache:
-    """Valid answer rows of the original and augmented logits, per forget-set example.
+    """Valid answer rows of the teacher's inputs, per forget-set example.
 
-    ``rows(indices)`` returns the teacher tensors of a batch of those examples, in the order ``teacher_rows=
-    "valid"`` expects.
+    ``key.store == "pair"``: the original's and the augmented model's rows (the loss forms the teacher; an α sweep
+    reuses one cache).  ``"combined"``: the teacher ``l_t = l_o − α·relu(l_aug − c − l_o)`` itself, formed in fp32
+    from the models' rows and rounded once to the cache dtype: half the memory, and the loss reads two rows per
+    position instead of three (``reverse_kl_loss(..., augmented_logits=None)``).  ``rows(indices)`` returns a
+    batch's rows in the order ``teacher_rows="valid"`` expects: ``(original, augmented)`` or ``(teacher, None)``.
     """
 
-    def __init__(self, original: torch.Tensor, augmented: torch.Tensor, offsets: torch.Tensor, key: CacheKey):
-        self.original, self.augmented, self.offsets, self.key = original, augmented, offsets, key
+    def __init__(self, stores: list[torch.Tensor], offsets: torch.Tensor, key: CacheKey):
+        if len(stores) != (1 if key.store == "combined" else 2):
+            raise ValueError(f"stores: {len(stores)} for a {key.store!r} cache")
+        self.stores, self.offsets, self.key = stores, offsets, key
+
+    @property
+    def original(self) -> torch.Tensor:
+        """The original's rows (pair), or the teacher's (combined)."""
+        return self.stores[0]
+
+    @property
+    def augmented(self) -> torch.Tensor | None:
+        return self.stores[1] if len(self.stores) == 2 else None
 
     @property
     def num_examples(self) -> int:
         return len(self.offsets) - 1
 
     def nbytes(self) -> int:
-        return self.original.numel() * self.original.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in self.stores)
+
+    @staticmethod
+    def files(key: CacheKey) -> tuple[str, ...]:
+        return ("teacher.bin",) if key.store == "combined" else ("original.bin", "augmented.bin")
 
     @classmethod
     def build(cls, logits_fn: Callable, batches: Iterable[dict], num_examples: int, key: CacheKey,
@@ -125,6 +160,10 @@ class TeacherCache:
         ``labels``.  ``row_counts`` (per example, e.g. from ``answer_row_counts``) sizes the storage up front so
         rows stream straight into the file; without it they are counted from the batches first.
         """
+        if key.store not in STORES:
+            raise ValueError(f"teacher.store: must be one of {STORES}, got {key.store!r}")
+        if (key.store == "combined") != (key.alpha is not None):
+            raise ValueError("CacheKey: alpha is set exactly for combined caches (it is baked into the teacher)")
         batches = list(batches) if row_counts is None else batches
         if row_counts is None:
             row_counts = torch.zeros(num_examples, dtype=torch.long)
@@ -136,7 +175,7 @@ class TeacherCache:
         offsets[1:] = torch.cumsum(row_counts, 0)
         shape, dtype = (int(offsets[-1]), key.vocab_size), _DTYPES[key.dtype]
 
-        def fill(orig_store: torch.Tensor, aug_store: torch.Tensor) -> None:
+        def fill(stores: list[torch.Tensor]) -> None:
             seen = torch.zeros(num_examples, dtype=torch.bool)
             for batch in batches:
                 orig, aug = logits_fn(batch)
@@ -144,28 +183,31 @@ class TeacherCache:
                     if t.dtype != dtype or t.shape[-1] != key.vocab_size:
                         raise ValueError(f"{name} logits: {t.dtype} [..., {t.shape[-1]}] but the cache key says "
                                          f"{key.dtype} [..., {key.vocab_size}]")
-                valid = (batch["labels"][:, 1:] != IGNORE_INDEX).to(orig.device)
+                valid = target_mask(batch["labels"]).to(orig.device)
                 for j, i in enumerate(batch["index"].tolist()):
                     lo, hi = int(offsets[i]), int(offsets[i + 1])
                     if int(valid[j].sum()) != hi - lo:
                         raise ValueError(f"batch: example {i} has {int(valid[j].sum())} answer rows, "
                                          f"row_counts says {hi - lo}")
-                    orig_store[lo:hi] = orig[j, :-1][valid[j]].cpu()
-                    aug_store[lo:hi] = aug[j, :-1][valid[j]].cpu()
+                    o, a = orig[j, :-1][valid[j]], aug[j, :-1][valid[j]]
+                    if key.store == "combined":  # formed in fp32, rounded once to the cache dtype
+                        stores[0][lo:hi] = teacher_logits(o, a, key.alpha).to(dtype).cpu()
+                    else:
+                        stores[0][lo:hi], stores[1][lo:hi] = o.cpu(), a.cpu()
                     seen[i] = True
             if not bool(seen.all()):
                 missing = (~seen).nonzero().flatten()[:10].tolist()
                 raise ValueError(f"batches: examples {missing}... never appeared; the cache needs every example")
 
         if path is None:
-            orig_store, aug_store = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-            fill(orig_store, aug_store)
-            return cls(orig_store, aug_store, offsets, key)
+            stores = [torch.empty(shape, dtype=dtype) for _ in cls.files(key)]
+            fill(stores)
+            return cls(stores, offsets, key)
         n = shape[0] * shape[1]
         with atomic_directory(path) as tmp:
             stores = [torch.from_file(str(tmp / f), shared=True, size=n, dtype=dtype).view(shape)
-                      for f in ("original.bin", "augmented.bin")]
-            fill(*stores)
+                      for f in cls.files(key)]
+            fill(stores)
             del stores  # unmap (flushes the pages) before the directory is fsynced and renamed
             meta = {"format": FORMAT_VERSION, "key": asdict(key), "rows": shape[0], "offsets": offsets.tolist()}
             (tmp / "meta.json").write_text(json.dumps(meta))
@@ -181,7 +223,7 @@ class TeacherCache:
         if meta.get("format") != FORMAT_VERSION:
             raise StaleTeacherCache(f"teacher cache {path}: format {meta.get('format')}, this version reads "
                                     f"{FORMAT_VERSION}; delete it to rebuild")
-        key = CacheKey(**meta["key"])
+        key = CacheKey(**meta["key"])  # fields added since default to what older caches were
         if expected is not None and key != expected:
             diffs = [f"{f}: cache has {getattr(key, f)!r}, run needs {getattr(expected, f)!r}"
                      for f in expected.__dataclass_fields__ if getattr(key, f) != getattr(expected, f)]
@@ -190,25 +232,26 @@ class TeacherCache:
         shape, dtype = (meta["rows"], key.vocab_size), _DTYPES[key.dtype]
         n = shape[0] * shape[1]
         stores = [torch.from_file(str(path / f), shared=False, size=n, dtype=dtype).view(shape)
-                  for f in ("original.bin", "augmented.bin")]
-        return cls(*stores, torch.tensor(meta["offsets"], dtype=torch.long), key)
+                  for f in cls.files(key)]
+        return cls(stores, torch.tensor(meta["offsets"], dtype=torch.long), key)
 
     def to(self, device: torch.device | str) -> "TeacherCache":
         """The same cache with its rows on ``device`` (e.g. the GPU when it fits: no host copy per step)."""
-        return TeacherCache(self.original.to(device), self.augmented.to(device), self.offsets, self.key)
+        return TeacherCache([t.to(device) for t in self.stores], self.offsets, self.key)
 
     def rows(self, indices: torch.Tensor | list[int], device: torch.device | str | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher rows ``(original, augmented)`` of a batch of examples, concatenated in batch order."""
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher rows ``(original, augmented)`` (pair) or ``(teacher, None)`` (combined) of a batch of examples,
+        concatenated in batch order."""
         idx = torch.as_tensor(indices, dtype=torch.long).tolist()
         if any(i < 0 or i >= self.num_examples for i in idx):
             raise ValueError(f"indices: must lie in [0, {self.num_examples}), got {idx}")
         spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in idx]
         out = []
-        for store in (self.original, self.augmented):
+        for store in self.stores:
             t = torch.cat([store[lo:hi] for lo, hi in spans])
             out.append(t if device is None else t.to(device, non_blocking=True))
-        return out[0], out[1]
+        return out[0], (out[1] if len(out) == 2 else None)
 
 
 def build_forget_cache(logits_fn: Callable, examples: list[dict], key: CacheKey, *, pad_token_id: int,
@@ -216,12 +259,12 @@ def build_forget_cache(logits_fn: Callable, examples: list[dict], key: CacheKey,
                        path: str | Path | None = None) -> TeacherCache:
     """The cache of a tokenised forget set (``encode_qa``/``chunk_text`` outputs, in index order), forwarded in
     micro-batches of consecutive examples."""
-    counts = torch.tensor([sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples])
+    counts = torch.tensor([num_targets(e) for e in examples])
 
     def batches():
         for start in range(0, len(examples), micro_batch_size):
             chunk = examples[start:start + micro_batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+            batch = to_device(collate(chunk, pad_token_id), device)
             batch["index"] = torch.arange(start, start + len(chunk))
             yield batch
     return TeacherCache.build(logits_fn, batches(), len(examples), key, path=path, row_counts=counts)
@@ -230,39 +273,21 @@ def build_forget_cache(logits_fn: Callable, examples: list[dict], key: CacheKey,
 class CachedTeacher:
     """A teacher source (the interface of ``teacher.OnlineTeacher``) that reads a ``TeacherCache``.
 
-    ``logits(batch)`` returns the compact valid rows of the batch's examples, so the loss must be called with
-    ``teacher_rows="valid"`` and unsliced (``self.teacher_rows`` says so).  Examples are found by their token ids
-    (right-padded batches, as ``collate`` makes), so batches need no extra index field.  ``original``: the
-    original model, kept only when the ``KL`` retain term needs its logits on the retain set.
+    ``rows(batch)`` returns the compact valid rows of the batch's examples (``rows="valid"``), found by the batch's
+    ``index`` (``collate`` keeps each example's position in the forget set): no lookup by content, no host copy.
     """
-    teacher_rows = "valid"
 
-    def __init__(self, cache: TeacherCache, examples: list[dict], original: torch.nn.Module | None = None):
+    def __init__(self, cache: TeacherCache, examples: list[dict]):
         if len(examples) != cache.num_examples:
             raise ValueError(f"examples: {len(examples)} given, the cache holds {cache.num_examples}")
-        self.cache, self.original = cache, original
-        self._index = {tuple(map(int, e["input_ids"])): i for i, e in enumerate(examples)}
+        self.cache = cache
 
-    def _indices(self, batch: dict) -> list[int]:
-        lengths = batch["attention_mask"].sum(1).tolist()
-        out = []
-        for row, n in zip(batch["input_ids"].tolist(), lengths):
-            i = self._index.get(tuple(row[:n]))
-            if i is None:
-                raise ValueError("batch: an example is not in the teacher cache (was the cache built from this "
-                                 "forget set with this tokenizer and template?)")
-            out.append(i)
-        return out
-
-    def logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.rows(self._indices(batch), device=batch["input_ids"].device)
-
-    @torch.no_grad()
-    def original_logits(self, batch: dict) -> torch.Tensor:
-        if self.original is None:
-            raise ValueError("teacher: cached mode freed the original model; keep it (original=...) for the KL "
-                             "retain term")
-        return self.original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def rows(self, batch: dict) -> TeacherRows:
+        if "index" not in batch:
+            raise ValueError("batch: has no 'index' (collate keeps it when every example has one); the cached "
+                             "teacher finds its rows by example index")
+        original, augmented = self.cache.rows(batch["index"], device=batch["input_ids"].device)
+        return TeacherRows(original, augmented, "valid")
 
 
 def place_cache(cache: TeacherCache, device) -> TeacherCache:
@@ -283,41 +308,43 @@ def _available_host_bytes() -> int:
 
 def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Module, examples: list[dict], *,
                  template, pad_token_id: int, device, cache_dir: str | Path | None = None,
-                 keep_original: bool = False, micro_batch_size: int = 8, autocast=contextlib.nullcontext):
+                 micro_batch_size: int = 8, autocast=contextlib.nullcontext, form: str = "logits",
+                 store: str = "pair", alpha: float | None = None):
     """The unlearn stage's teacher source (config ``teacher.mode``).
 
     ``online``: ``OnlineTeacher`` (both models on ``device``).  ``cached``: build (or, with ``cache_dir``, load
-    and check) the cache, then keep neither model unless ``keep_original`` (the ``KL`` retain term); on a GPU the
-    cache moves to device memory when it takes at most a quarter of what is free.  ``auto``:
-    cached when the cache fits in half the free host memory or ``cache_dir`` is given, else online.  The cache is
-    built under ``autocast`` (the training loop's ``accelerator.autocast``), so it holds the logits, in the
-    dtype, that the online path would compute.
+    and check) the cache; the source then holds neither model (the caller may free them); on a GPU the cache
+    moves to device memory when it takes at most a quarter of what is free.  ``auto``: cached when the cache
+    fits in half the free host memory or ``cache_dir`` is given, else online.  The cache is built under
+    ``autocast`` (the training loop's ``accelerator.autocast``), so it holds the logits, in the dtype, that the
+    online path would compute.
     """
     from rklu_fast.train.teacher import OnlineTeacher
 
     if mode not in TEACHER_MODES:
         raise ValueError(f"teacher.mode: must be one of {TEACHER_MODES}, got {mode!r}")
     original, augmented = original.to(device).eval(), augmented.to(device).eval()
-    logits_fn = model_logits_fn(original, augmented)
+    logits_fn = model_logits_fn(original, augmented, form)
 
     def under_autocast(batch):
         with autocast():
             return logits_fn(batch)
-    probe = {k: v.to(device) for k, v in collate(examples[:1], pad_token_id).items()}
+    probe = to_device(collate(examples[:1], pad_token_id), device)
     dtype = under_autocast(probe)[0].dtype
     vocab = original.config.vocab_size
-    rows = sum(sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in examples)
-    nbytes = 2 * rows * vocab * dtype.itemsize
+    rows = sum(num_targets(e) for e in examples)
+    nbytes = (1 if store == "combined" else 2) * rows * vocab * dtype.itemsize
     if mode == "auto":
         mode = "cached" if cache_dir is not None or nbytes <= _available_host_bytes() // 2 else "online"
     if mode == "online":
-        return OnlineTeacher(original, augmented)
+        return OnlineTeacher(original, augmented, form)
     key = CacheKey(original=model_fingerprint(original), augmented=model_fingerprint(augmented),
                    data=data_fingerprint(examples), template=template_fingerprint(template),
-                   dtype=str(dtype).removeprefix("torch."), vocab_size=vocab)
+                   dtype=str(dtype).removeprefix("torch."), vocab_size=vocab, teacher_form=form, store=store,
+                   alpha=float(alpha) if store == "combined" else None)
     if cache_dir is not None and (Path(cache_dir) / "meta.json").is_file():
         cache = TeacherCache.load(cache_dir, key)  # refuses a stale cache, naming what differs
     else:
         cache = build_forget_cache(under_autocast, examples, key, pad_token_id=pad_token_id,
                                    micro_batch_size=micro_batch_size, device=device, path=cache_dir)
-    return CachedTeacher(place_cache(cache, device), examples, original=original if keep_original else None)
+    return CachedTeacher(place_cache(cache, device), examples)

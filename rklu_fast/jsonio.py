@@ -1,0 +1,41 @@
+"""JSON outputs: never a bare NaN/Infinity (invalid JSON that most readers reject) and never half a file.
+
+``finite(value)`` replaces every non-finite float with ``null`` and marks the dict that held it with
+``"nonfinite": true`` (a list's owner dict is marked too); ``write_json`` writes through a temporary file and
+``os.replace``, so a reader sees the old file or the new one."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _bad(x) -> bool:
+    return isinstance(x, float) and not math.isfinite(x)
+
+
+def finite(value):
+    if _bad(value):
+        return None
+    if isinstance(value, dict):
+        clean = {k: finite(v) for k, v in value.items()}
+        if any(_bad(v) or isinstance(v, (list, tuple)) and any(_bad(x) for x in v) for v in value.values()):
+            clean["nonfinite"] = True
+        return clean
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(data, **kwargs) -> str:
+    return json.dumps(finite(data), allow_nan=False, **kwargs)
+
+
+def write_json(path: str | Path, data, indent: int | None = 1) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(dumps(data, indent=indent) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,98 @@
+"""The mini-TOFU experiment end to end at toy size (a tiny model, a few real TOFU questions, two methods, one epoch),
+its selection rule on hand-made curves, and its forget quality against an independent KS test."""
+import json
+from pathlib import Path
+
+import pytest
+from scipy.stats import ks_2samp
+
+from rklu_fast.data import load_tofu
+from rklu_fast.jsonio import finite
+from rklu_fast.experiments.selection import best_grid_point, best_utility_above, selected_epoch
+from tiny_pipeline import needs_tofu, overrides, tokenizer_dir
+
+ROWS = {"forget01": 8, "forget01_perturbed": 6, "retain99": 8, "retain_perturbed": 4, "idontknow": 5}
+
+
+def test_selected_epoch_is_the_first_epoch_at_the_maximum():
+    curve = [{"epoch": 0, "forget_quality": 0.9}, {"epoch": 1, "forget_quality": 1e-9},
+             {"epoch": 2, "forget_quality": 0.3}, {"epoch": 3, "forget_quality": 0.3},
+             {"epoch": 4, "forget_quality": 0.01}]
+    assert selected_epoch(curve)["epoch"] == 2  # epoch 0 excluded; ties go to the earlier epoch
+    with pytest.raises(ValueError, match="no epoch"):
+        selected_epoch(curve[:1])
+
+
+def test_best_utility_above_the_threshold():
+    curve = [{"epoch": 0, "forget_quality": 0.9, "utility": 0.9},
+             {"epoch": 1, "forget_quality": 0.04, "utility": 0.8},   # below 0.05: not eligible
+             {"epoch": 2, "forget_quality": 0.06, "utility": 0.5},
+             {"epoch": 3, "forget_quality": 0.2, "utility": 0.6},
+             {"epoch": 4, "forget_quality": 0.3, "utility": None}]   # no generations at this epoch
+    assert best_utility_above(curve)["epoch"] == 3
+    assert best_utility_above(curve, threshold=0.5) is None
+
+
+def test_best_grid_point_prefers_forget_quality_then_utility():
+    runs = [{"lr": 1e-4, "selected": {"forget_quality": 0.2, "utility": 0.3}},
+            {"lr": 3e-4, "selected": {"forget_quality": 0.2, "utility": 0.5}},
+            {"lr": 1e-3, "selected": {"forget_quality": 0.1, "utility": 0.9}}]
+    assert best_grid_point(runs)["lr"] == 3e-4
+
+
+def test_nonfinite_values_become_null_with_a_flag():
+    out = finite({"a": float("nan"), "b": 1.0, "c": {"d": [1.0, float("inf")]}})
+    assert out == {"a": None, "b": 1.0, "c": {"d": [1.0, None], "nonfinite": True}, "nonfinite": True}
+    json.dumps(out, allow_nan=False)  # valid JSON
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """A TOFU folder with the first rows of the splits the toy experiment reads (real TOFU text)."""
+    d = tmp_path_factory.mktemp("toy-tofu")
+    for split, n in ROWS.items():
+        if split == "idontknow":
+            from rklu_fast.data.refusals import load_refusals
+            (d / "idontknow.jsonl").write_text("\n".join(load_refusals(None)[:n]) + "\n")
+            continue
+        with open(d / f"{split}.jsonl", "w") as f:
+            for r in load_tofu(split)[:n]:
+                f.write(json.dumps(r) + "\n")
+    return d
+
+
+@needs_tofu
+def test_toy_experiment_writes_the_report(tmp_path, toy_data, monkeypatch):
+    from rklu_fast.cli import main
+
+    out = tmp_path / "report"
+    experiment = ("{methods: [rklu+RT, ga+RT, ta], lrs: [1.0e-2], seeds: [0], jobs: 1, forget_rows: 6, "
+                  f"retain_rows: 4, leak_rows: 2, eval_batch_size: 4, max_new_tokens: 6, out_dir: {out}, "
+                  "require_informative: false, name: toy}")
+    ov = overrides(tmp_path / "exp", **{"data.source": str(toy_data), "data.retain": "retain99",
+                                        "finetune.epochs": 1, "augment.epochs": 1, "unlearn.epochs": 1,
+                                        "experiment": experiment})
+    ov = [o for o in ov if not o.startswith("model.tokenizer=")] + [f"model.tokenizer={tokenizer_dir()}"]
+    assert main(["experiment", "mini-tofu", "--config", "configs/mini-tofu.yaml", *ov]) == 0
+    stems = list(out.glob("toy_*.json"))
+    assert len(stems) == 1
+    stem = str(stems[0])[:-5]
+    for suffix in (".md", ".png", "_curves.png"):
+        assert Path(stem + suffix).is_file()
+    data = json.loads(Path(stem + ".json").read_text())
+    assert {j["job"] for j in data["jobs"]} == {"rklu+RT_lr0.01_seed0", "ga+RT_lr0.01_seed0", "ta"}
+    for j in data["jobs"]:
+        assert j["command"].startswith("rklu experiment mini-tofu --config configs/mini-tofu.yaml")
+        assert j["machine"]["cores"] >= 1 and j["selected"]["utility"] is not None
+        if j["trains"]:
+            assert [p["epoch"] for p in j["epochs"]] == [0, 1]
+            assert "leak_rate" in j["selected"] and j["epochs"][1]["train_seconds"] > 0
+    # forget quality is the KS test of the forget truth ratios against the oracle's, on the rows evaluated
+    ref = json.loads((tmp_path / "exp" / "results" / "reference.json").read_text())
+    assert ref["original"]["forget_quality"] == pytest.approx(
+        ks_2samp(ref["original"]["stat"], ref["oracle"]["stat"]).pvalue)
+    assert ref["oracle"]["forget_quality"] == pytest.approx(1.0)
+    md = Path(stem + ".md").read_text()
+    assert "| rklu+RT | 0.01 |" in md and "| original |" in md
+    # a rerun skips the finished jobs and rewrites the same report
+    assert main(["experiment", "mini-tofu", "--config", "configs/mini-tofu.yaml", *ov]) == 0
