@@ -251,6 +251,7 @@ def test_bf16_and_autocast():
 def test_float64_is_computed_in_float64():
     """float64 hidden and weight take the `torch` backend under "auto" and give a float64 loss and gradients."""
     hidden, weight, b, original, augmented, labels, mask = make(dtype=torch.float64)
+    original, augmented = original.double(), augmented.double()  # (the teacher is formed in its inputs' dtype)
     loss, grads = run(rklu_fast.fused_linear_reverse_kl_loss, hidden, weight, b, original, augmented, ALPHA,
                       labels=labels, mask=mask, chunk_size=5)
     ref_loss, ref_grads = float64_reference(hidden, weight, b, original, augmented, ALPHA, (labels != -100) & mask)
