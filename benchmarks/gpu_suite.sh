@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The GPU suite of the GPU-validation issue, for ONE call on a lent H100/H200 (Python 3.12, torch 2.11, triton 3.6,
 # no network): build the extension, run the GPU tests, compute-sanitizer memcheck on the CUDA kernel, the full
-# launch-shape sweep (benchmarks/tune_kernels.py), the loss benchmark and the training-step benchmark, within
-# SUITE_BUDGET_S seconds (default 540). Everything lands in $OUT (default ./out): suite.log, suite.json,
-# tune_kernels_*.json, bench_loss_*.{json,md,png}, train_step_*.{json,md}.
+# launch-shape sweep (benchmarks/tune_kernels.py), the loss benchmark, the fused linear loss benchmark and the
+# training-step benchmark, within SUITE_BUDGET_S seconds (default 540). Everything lands in $OUT (default ./out):
+# suite.log, suite.json, tune_kernels_*.json, bench_loss_*.{json,md,png}, bench_fused_linear_*.{json,md,png},
+# train_step_*.{json,md}.
 #
 #   bash benchmarks/gpu_suite.sh                        # all steps: build,test,errpath,sanitize,tune,bench,train
 #   bash benchmarks/gpu_suite.sh --steps build,whole,bench   # whole 7B + Phi-1.5 RKLU runs, then the loss bench
 #       (with BENCH_ARGS="--n 16384 --v 32000": the one-call plan when the kernels did not change)
 #   bash benchmarks/gpu_suite.sh --steps build,bench    # a second call for the benchmark rows a budget cut
+#   bash benchmarks/gpu_suite.sh --steps build,fused    # the fused linear benchmark in a call of its own
 #   bash benchmarks/gpu_suite.sh --dry-run              # anywhere, on CPU: tiny shapes, same JSON schema
 #
-# BENCH_ARGS (environment) is appended to bench_loss.py's arguments, e.g. BENCH_ARGS="--n 16384 --v 32000".
+# BENCH_ARGS (environment) is appended to bench_loss.py's arguments, e.g. BENCH_ARGS="--n 16384 --v 32000";
+# FUSED_ARGS to bench_fused_linear.py's, e.g. FUSED_ARGS="--dv 4096:128256 --n 16384".
 # Missing wheels travel in .whl/ and the test data in .data/ (benchmarks/prepare_gpu_carry.sh; carry=[".whl", ".data"]).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +28,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --steps) STEPS=$2; shift ;;
     --budget) BUDGET=$2; shift ;;
-    *) echo "usage: $0 [--dry-run] [--steps build,test,errpath,sanitize,tune,whole,bench,train] [--budget SECONDS]" >&2
+    *) echo "usage: $0 [--dry-run] [--steps build,test,errpath,sanitize,tune,whole,bench,fused,train] [--budget SECONDS]" >&2
        exit 2 ;;
   esac
   shift
@@ -44,7 +47,7 @@ wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
 step() {
   local name=$1 limit=$2; shift 2
   if ! wanted "$name"; then printf '%s\tnot requested\t\t0\n' "$name" >> "$STEPS_TSV"; return 0; fi
-  if [ "$DRY" = 1 ] && [ "$name" != bench ]; then
+  if [ "$DRY" = 1 ] && [ "$name" != bench ] && [ "$name" != fused ]; then
     echo "[dry-run] would run ($name, <= ${limit}s): $*" | tee -a "$LOG"
     printf '%s\tskipped (dry-run)\t\t0\n' "$name" >> "$STEPS_TSV"; return 0
   fi
@@ -132,12 +135,20 @@ step sanitize "$(( $(left) < 150 ? $(left) : 150 ))" bash -c sanitize
 step tune "$(( $(left) < 120 ? $(left) : 120 ))" $PY benchmarks/tune_kernels.py --out "$OUT"
 step whole "$(( $(left) < 420 ? $(left) : 420 ))" bash -c whole
 TRAIN_RESERVE=0; wanted train && [ -f benchmarks/bench_train_step.py ] && [ "$DRY" = 0 ] && TRAIN_RESERVE=130
+# The fused linear benchmark takes what is left (a call of its own: --steps build,fused), or 150 s after bench
+FUSED_RESERVE=0; wanted fused && [ "$DRY" = 0 ] && FUSED_RESERVE=150
 if [ "$DRY" = 1 ]; then
   step bench 300 $PY benchmarks/bench_loss.py --dry-run --out "$OUT" ${BENCH_ARGS:-}
-else  # the benchmark cuts its own lowest-priority rows (reported "skipped") to end 30 s before its step limit
-  BENCH_LIMIT=$(( $(left) - TRAIN_RESERVE ))
+  if wanted fused; then step fused 120 $PY benchmarks/bench_fused_linear.py --dry-run --out "$OUT" ${FUSED_ARGS:-}; fi
+else  # the benchmarks cut their own lowest-priority rows (reported "skipped") to end 30 s before their step limit
+  BENCH_LIMIT=$(( $(left) - TRAIN_RESERVE - FUSED_RESERVE ))
   step bench "$BENCH_LIMIT" $PY benchmarks/bench_loss.py --device cuda --out "$OUT" --time-budget $(( BENCH_LIMIT - 30 )) \
     ${BENCH_ARGS:-}
+  if wanted fused; then
+    FUSED_LIMIT=$(( $(left) - TRAIN_RESERVE ))
+    step fused "$FUSED_LIMIT" $PY benchmarks/bench_fused_linear.py --device cuda --out "$OUT" \
+      --time-budget $(( FUSED_LIMIT - 30 )) ${FUSED_ARGS:-}
+  fi
 fi
 step train "$(left)" bash -c train_step
 
@@ -151,12 +162,13 @@ for line in open(tsv):
 json.dump({"schema": "rklu_fast.gpu_suite/1", "dry_run": dry == "1",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "budget_s": int(budget), "wall_s": round(time.time() - int(start)), "steps": steps,
-           "bench_json": sorted(glob.glob(os.path.join(out, "bench_loss_*.json")))},
+           "bench_json": sorted(glob.glob(os.path.join(out, "bench_loss_*.json"))
+                                + glob.glob(os.path.join(out, "bench_fused_linear_*.json")))},
           open(os.path.join(out, "suite.json"), "w"), indent=1)
 print("suite:", ", ".join(f"{s['name']}={s['status']}" for s in steps), f"({round(time.time() - int(start))}s)")
 EOF
 FAILED=$(cut -f2 "$STEPS_TSV" | grep -cE '^(failed|timeout)$')
 rm -f "$STEPS_TSV"
 # The reply carries the end of the output: finish with the benchmark's verdicts and table head.
-for md in "$OUT"/bench_loss_*.md; do [ -f "$md" ] && head -30 "$md"; done
+for md in "$OUT"/bench_loss_*.md "$OUT"/bench_fused_linear_*.md; do [ -f "$md" ] && head -30 "$md"; done
 [ "$FAILED" = 0 ]
