@@ -15,3 +15,14 @@ import pytest  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not _has_cuda, reason="needs a CUDA GPU; this machine has none "
                                    "(run benchmarks/gpu_suite.sh on a GPU machine)")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state (mixed precision included): a test that builds an Accelerator with
+    another precision than an earlier test's would fail with "AcceleratorState has already been initialized"."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)

@@ -159,7 +159,8 @@ def test_gpu_suite_dry_run_writes_the_schema(tmp_path):
     assert suite["dry_run"] is True
     assert {s["name"]: s["status"] for s in suite["steps"]} == {
         "build": "skipped (dry-run)", "test": "skipped (dry-run)", "errpath": "skipped (dry-run)",
-        "sanitize": "skipped (dry-run)", "tune": "skipped (dry-run)", "bench": "ok", "train": "skipped (dry-run)"}
+        "sanitize": "skipped (dry-run)", "tune": "skipped (dry-run)", "whole": "not requested", "bench": "ok",
+        "train": "skipped (dry-run)"}
     (bench_json,) = tmp_path.glob("bench_loss_*.json")
     report = json.loads(bench_json.read_text())
     check_report(report, methods)
