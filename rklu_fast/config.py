@@ -79,9 +79,12 @@ DEFAULTS: dict = {
     # default (docs/methods.md); refusals: the IDK/DPO refusal file (null: TOFU's idontknow.jsonl);
     # retain_kl_positions: answer | all (TOFU's code); dpo_form: tofu | open-unlearning (x 2/beta);
     # teacher_form: logits (the paper's) | logprobs | centered_mean | centered_median (docs/methods.md).
+    # fused_linear: auto (on CUDA for supported models) | true | false: RKLU/FKLU from hidden states and the LM
+    # head, never forming the student's logits (docs/fused-linear.md); unsupported models fall back, saying why.
     "unlearn": {"method": "rklu", "alpha": 8.0, "retain_term": "RT", "retain_weight": 1.0, "backend": "auto",
                 "beta": None, "delta": None, "forget_weight": None, "refusals": None,
-                "retain_kl_positions": "answer", "dpo_form": "tofu", "teacher_form": "logits", **_optim(10, 1e-5)},
+                "retain_kl_positions": "answer", "dpo_form": "tofu", "teacher_form": "logits",
+                "fused_linear": "auto", **_optim(10, 1e-5)},
     # Teacher source of `unlearn` (docs/memory-and-scale.md): online (both models run every step) | cached (one
     # forward over the forget set, then the models are freed) | auto (cached when it fits in half the free host
     # memory, or when cache_dir is set). cache_dir: memory-map the cache there (reused if it matches the run).
@@ -116,6 +119,8 @@ _OPTIONAL_STRINGS = {("unlearn", "refusals")}
 _NULLABLE = {"max_grad_norm", "max_examples", "retain"}
 # Keys whose value is a free-form mapping (not checked key by key).
 _FREE = {("model", "random_init"), ("experiment",)}
+# Keys that take true, false or "auto".
+_BOOL_OR_AUTO = {("unlearn", "fused_linear")}
 # Keys that take a string or a list of strings.
 _STR_OR_LIST = {("lora", "target_modules")}
 _CHOICES = {
@@ -182,6 +187,10 @@ def _check_types(config: dict, defaults: dict, prefix: tuple = ()) -> None:
             raise ConfigError(f"{name}: must be a number or null (the method's default), got {value!r}")
         if path in _OPTIONAL_STRINGS and value is not None and not isinstance(value, str):
             raise ConfigError(f"{name}: must be a path or null, got {value!r}")
+        if path in _BOOL_OR_AUTO:
+            if not (isinstance(value, bool) or value == "auto"):
+                raise ConfigError(f"{name}: must be true, false or auto, got {value!r}")
+            continue
         if default is None or (value is None and key in _NULLABLE):
             continue
         if path in _STR_OR_LIST:

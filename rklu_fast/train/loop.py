@@ -32,6 +32,7 @@ from rklu_fast.train import checkpoint
 from rklu_fast.train.lowmem import build_optimizer, parameter_groups, set_gradient_checkpointing
 from rklu_fast.train.methods.base import StepCounts
 from rklu_fast.train.sampling import loss_scale, rank_slice
+from rklu_fast.train.student import Student
 from rklu_fast.jsonio import dumps
 
 
@@ -107,7 +108,7 @@ def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], mic
                          pad_token_id: int, accelerator, *, frozen=None, retain_examples: list[dict] | None = None,
                          retain_term=None, retain_weight: float = 1.0, forget_weight: float = 1.0,
                          counts: StepCounts | None = None, want_stats: bool = False,
-                         group_by_length: bool = True) -> dict[str, torch.Tensor]:
+                         group_by_length: bool = True, fused_linear: bool = False) -> dict[str, torch.Tensor]:
     """Forward/backward over the micro-batches of one optimizer step; gradients accumulate in ``.grad``.
 
     ``forget_views``: per forget example, its views (``method.views``); each forget micro-batch is paired with a
@@ -122,8 +123,7 @@ def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], mic
     device = accelerator.device
     scale = loss_scale(accelerator.num_processes)
 
-    def student(batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    student = Student(model, fused=fused_linear)
 
     order = length_grouped if group_by_length else list  # grouping changes only the padding (benchmarks)
     f_chunks = _chunks(order(forget_views), micro_batch_size)
@@ -156,8 +156,8 @@ def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], mic
 def optimizer_step(model, optimizer, method, forget_views: list[dict[str, dict]], retain_examples: list[dict],
                    micro_batch_size: int, pad_token_id: int, accelerator, *, frozen=None, retain_term=None,
                    retain_weight: float = 1.0, forget_weight: float = 1.0, max_norm: float = math.inf,
-                   want_stats: bool = False, step: int = 0, params=None, group_by_length: bool = True
-                   ) -> dict[str, float]:
+                   want_stats: bool = False, step: int = 0, params=None, group_by_length: bool = True,
+                   fused_linear: bool = False) -> dict[str, float]:
     """One optimizer step of the whole step's examples (every rank passes the same, keeps its share): gradients,
     clipping, the non-finite guard, ``optimizer.step()``.  Returns the step's summed loss terms, gradient norm and
     (with ``want_stats``) the method's statistics summed over forget sequences, read with the step's one host
@@ -169,7 +169,7 @@ def optimizer_step(model, optimizer, method, forget_views: list[dict[str, dict]]
                                 pad_token_id, accelerator, frozen=frozen,
                                 retain_examples=rank_slice(retain_examples, rank, world), retain_term=retain_term,
                                 retain_weight=retain_weight, forget_weight=forget_weight, counts=counts,
-                                want_stats=want_stats, group_by_length=group_by_length)
+                                want_stats=want_stats, group_by_length=group_by_length, fused_linear=fused_linear)
     grad_norm = accelerator.clip_grad_norm_(params, max_norm)
     keys = sorted(sums)
     values = torch.stack([sums[k].float() for k in keys] + [torch.as_tensor(grad_norm).float()])
@@ -190,7 +190,7 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
           frozen=None, retain_examples: list[dict] | None = None, retain_term=None, retain_weight: float = 1.0,
           forget_weight: float = 1.0, seed: int = 0, resume_from: str | Path | None = None,
           stop_after_steps: int | None = None, log_every: int = 1, tensorboard: bool = True, keep_last: int = 1,
-          save_checkpoints: bool = True,
+          save_checkpoints: bool = True, fused_linear: bool = False,
           desc: str = "train", on_epoch=None) -> bool:
     """Train ``model`` in place for one stage; epoch checkpoints go to ``out_dir/checkpoints``.
 
@@ -268,7 +268,7 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         named = optimizer_step(model, optimizer, method, f_views, r_examples, micro, pad_id, accelerator,
                                frozen=frozen, retain_term=retain_term, retain_weight=retain_weight,
                                forget_weight=forget_weight, max_norm=max_norm, want_stats=logging_step, step=done,
-                               params=trainable)
+                               params=trainable, fused_linear=fused_linear)
         scheduler.step()
 
         if logging_step:

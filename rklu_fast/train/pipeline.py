@@ -34,6 +34,7 @@ from rklu_fast.train import checkpoint, lora, loop
 from rklu_fast.train.frozen import Frozen, ReferenceLogProbs
 from rklu_fast.train.methods import MethodContext, make_method, make_retain_term, method_class
 from rklu_fast.train.metrics import mean_answer_probability
+from rklu_fast.train.student import fused_linear_choice
 from rklu_fast.train.teacher import check_same_vocab, fp32_head
 from rklu_fast.train.teacher_cache import make_teacher
 from rklu_fast.jsonio import write_json
@@ -307,6 +308,12 @@ class Run:
                                                                           else init)
         if callable(kwargs.get("frozen")):  # LoRA: the frozen views are adapter settings of the student's model
             kwargs["frozen"] = kwargs["frozen"](model)
+        if "fused_linear" in kwargs:  # decided on the model itself: supported architecture, one process, CUDA
+            setting = kwargs["fused_linear"]
+            kwargs["fused_linear"], why = fused_linear_choice(setting, model, self.accelerator.device,
+                                                               self.accelerator.num_processes > 1)
+            if why and setting is not False:
+                print(f"[rklu] {role}: {why}")
         torch.manual_seed(self.cfg["seed"])
         finished = loop.train(model, self.tokenizer, method, forget, stage, out, self.accelerator,
                               seed=self.cfg["seed"], resume_from=resume_from, stop_after_steps=self.stop_after_steps,
@@ -435,7 +442,8 @@ class Run:
             on_epoch = self._epoch_evaluation()
         done = self._train_role("unlearned", init, method, forget, u, frozen=frozen, retain_examples=retain,
                                 retain_term=retain_term, retain_weight=u["retain_weight"],
-                                forget_weight=method.ctx.forget_weight, on_epoch=on_epoch)
+                                forget_weight=method.ctx.forget_weight, on_epoch=on_epoch,
+                                fused_linear=u["fused_linear"])
         if done and finish and on_epoch is not None:
             print(f"[rklu] per-epoch evaluation: {on_epoch.path}, {on_epoch.finish()}")
         return done

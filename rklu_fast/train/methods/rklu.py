@@ -27,13 +27,23 @@ class RKLU(Method):
 
     def loss(self, student, batch, frozen, counts: StepCounts, want_stats=False):
         b = batch["forget"]
-        logits = student(b)
         t = frozen.teacher(b)
-        kl = rklu_fast.reverse_kl_loss if self.reverse else rklu_fast.forward_kl_loss
-        loss = kl(logits[:, :-1], t.original, t.augmented, alpha=self.ctx.alpha, labels=b["labels"][:, 1:],
-                  num_items_in_batch=counts.tokens["forget"], teacher_rows=t.rows, backend=self.ctx.backend)
+        kwargs = dict(alpha=self.ctx.alpha, labels=b["labels"][:, 1:], num_items_in_batch=counts.tokens["forget"],
+                      teacher_rows=t.rows, backend=self.ctx.backend)
+        if getattr(student, "fused", False):  # from hidden states and the LM head: no [B, T, V] student logits
+            hidden = student.hidden(b)
+            kl = rklu_fast.fused_linear_reverse_kl_loss if self.reverse else rklu_fast.fused_linear_forward_kl_loss
+            loss = kl(hidden[:, :-1], student.head.weight, t.original, t.augmented, bias=student.head.bias, **kwargs)
+            logits = None
+        else:
+            logits = student(b)
+            kl = rklu_fast.reverse_kl_loss if self.reverse else rklu_fast.forward_kl_loss
+            loss = kl(logits[:, :-1], t.original, t.augmented, **kwargs)
         stats = {}
-        if want_stats:
+        if want_stats:  # logging steps only: the fused path forms the logits here, without gradient
+            if logits is None:
+                with torch.no_grad():
+                    logits = student.head(hidden.detach())
             stats = {"forget_prob": answer_prob_sum(logits, b["labels"]),
                      "teacher_entropy": teacher_entropy_sum(t, b["labels"], self.ctx.alpha)}
         return loss, stats
