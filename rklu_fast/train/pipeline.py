@@ -41,7 +41,7 @@ from rklu_fast.jsonio import write_json
 
 ROLES = ("original", "oracle", "augmented", "unlearned")
 # Keys that say how a run executes or reports, not what it computes: a run dir may continue with other values.
-RUNTIME_KEYS = ("run_dir", "threads", "log", "experiment")
+RUNTIME_KEYS = ("run_dir", "threads", "log", "checkpoint", "experiment")
 # The roles a config section affects (others affect every role): a section may change while none of its roles
 # has written anything yet (e.g. a run dir of shared models, unlearned later with several settings).
 STAGE_ROLES = {"finetune": ("original", "oracle"), "augment": ("augmented",),
