@@ -21,7 +21,8 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from rklu_fast.backends import resolve
-from rklu_fast.loss import _FLOAT_DTYPES, _REDUCTIONS, _check_positive_count, _own_version
+from rklu_fast.arg_checks import FLOAT_DTYPES, check_device, check_options, row_mask
+from rklu_fast.loss import _own_version
 
 __all__ = ["fused_linear_reverse_kl_loss", "fused_linear_forward_kl_loss", "chunk_rows", "supports_fused_linear",
            "fused_linear_parts", "CHUNK_BUDGET_BYTES"]
@@ -251,27 +252,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _check_float(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {_dtype_name(x.dtype)}")
-
-
-def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device}, but hidden is on {device}")
-
-
-def _row_mask(name: str, x, row_shape, device, integer: bool) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if integer and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor, got {_dtype_name(x.dtype)}")
-    if not integer and x.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got {_dtype_name(x.dtype)}")
-    if tuple(x.shape) != tuple(row_shape):
-        raise ValueError(f"{name} must have the row shape {tuple(row_shape)} of hidden (the op never shifts: "
-                         f"pass labels[:, 1:] with hidden[:, :-1]), got {tuple(x.shape)}")
-    _check_device(name, x, device)
-    return x.reshape(-1)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.dtype:
@@ -293,28 +275,8 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 def _check_options(alpha, temperature, reduction, teacher_rows, num_items_in_batch, ignore_index, chunk_size):
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-        raise TypeError(f"alpha must be a finite real number, got {alpha!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if teacher_rows not in ("all", "valid"):
-        raise ValueError(f"teacher_rows must be 'all' or 'valid', got {teacher_rows!r}")
-    if num_items_in_batch is not None:
-        if reduction != "mean":
-            raise ValueError("num_items_in_batch replaces the divisor of reduction='mean'; "
-                             f"got reduction={reduction!r}")
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.dim() != 0 or num_items_in_batch.dtype == torch.bool:
-                raise TypeError("num_items_in_batch must be an int or a 0-d numeric tensor, "
-                                f"got a {num_items_in_batch.dtype} tensor of shape {tuple(num_items_in_batch.shape)}")
-        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Integral):
-            raise TypeError(f"num_items_in_batch must be an int or a 0-d tensor, got {num_items_in_batch!r}")
-        _check_positive_count(num_items_in_batch, sync_ok=False)
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_options(alpha=alpha, temperature=temperature, reduction=reduction, teacher_rows=teacher_rows,
+                  num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None (from the memory budget) or an int >= 1, got {chunk_size!r}")
@@ -331,7 +293,7 @@ def _fused_kl_loss(hidden, weight, original_logits, augmented_logits, alpha, *, 
     if weight.dim() != 2 or weight.shape[1] != d:
         raise ValueError(f"weight must be [V, d] with d = {d} (hidden's last dim; the lm_head's weight, not its "
                          f"transpose), got shape {tuple(weight.shape)}")
-    _check_device("weight", weight, device)
+    check_device("weight", weight, device, "hidden")
     v = weight.shape[0]
     if v == 0:
         raise ValueError(f"weight has 0 rows (shape {tuple(weight.shape)}): a distribution needs at least one entry")
@@ -339,7 +301,7 @@ def _fused_kl_loss(hidden, weight, original_logits, augmented_logits, alpha, *, 
         _check_float("bias", bias)
         if tuple(bias.shape) != (v,):
             raise ValueError(f"bias must be [V] = [{v}] (weight has {v} rows), got shape {tuple(bias.shape)}")
-        _check_device("bias", bias, device)
+        check_device("bias", bias, device, "hidden")
     for name, t in (("original_logits", original_logits), ("augmented_logits", augmented_logits)):
         if t is None and name == "augmented_logits":
             continue
@@ -348,7 +310,7 @@ def _fused_kl_loss(hidden, weight, original_logits, augmented_logits, alpha, *, 
             raise ValueError(f"{name} must be [M, V] or [B, T, V], got shape {tuple(t.shape)}")
         if t.shape[-1] != v:
             raise ValueError(f"{name} has vocab size {t.shape[-1]}, but weight has {v} rows (vocab entries)")
-        _check_device(name, t, device)
+        check_device(name, t, device, "hidden")
         if t.requires_grad:
             raise ValueError(f"{name} requires grad; the loss gives gradients to hidden, weight and bias only: "
                              f"pass {name}.detach() (or compute it under torch.no_grad())")
@@ -373,9 +335,9 @@ def _fused_kl_loss(hidden, weight, original_logits, augmented_logits, alpha, *, 
 
     valid = torch.ones(n, dtype=torch.bool, device=device)
     if labels is not None:
-        valid = _row_mask("labels", labels, row_shape, device, integer=True) != ignore_index
+        valid = row_mask("labels", labels, row_shape, device, integer=True, of="hidden") != ignore_index
     if mask is not None:
-        valid = valid & _row_mask("mask", mask, row_shape, device, integer=False)
+        valid = valid & row_mask("mask", mask, row_shape, device, integer=False, of="hidden")
     if reduction == "mean" and num_items_in_batch is None:
         row_scale = 1.0 / valid.sum().to(loss_dtype).clamp(min=1.0)  # no valid row: 0/1, not 0/0
     elif reduction == "mean":

@@ -14,19 +14,17 @@ strides it actually receives.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from rklu_fast.arg_checks import FLOAT_DTYPES, check_device, check_options, row_mask
 from rklu_fast.backends import implementation, resolve
 from rklu_fast.reference import teacher_logits
 
 __all__ = ["reverse_kl_loss", "forward_kl_loss", "teacher_logits"]
 
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 # ------------------------------------------------------------------------------------------- row layouts
@@ -182,7 +180,7 @@ kl_div.register_autograd(_backward, setup_context=_setup_context)
 def _check_logits(name: str, x, v: Optional[int] = None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {x.dtype}")
     if x.dim() not in (2, 3):
         raise ValueError(f"{name} must be [N, V] or [B, T, V], got shape {tuple(x.shape)}")
@@ -190,40 +188,6 @@ def _check_logits(name: str, x, v: Optional[int] = None) -> None:
         raise ValueError(f"{name} has vocab size {x.shape[-1]}, but student_logits has {v}")
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has vocab size 0 (shape {tuple(x.shape)}): a distribution needs at least one entry")
-
-
-def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device}, but student_logits is on {device}")
-
-
-def _row_mask(name: str, x, row_shape, device, integer: bool) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if integer and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
-    if not integer and x.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
-    if tuple(x.shape) != tuple(row_shape):
-        raise ValueError(f"{name} must have the row shape {tuple(row_shape)} of student_logits "
-                         f"(the op never shifts: pass labels[:, 1:] with logits[:, :-1]), got {tuple(x.shape)}")
-    _check_device(name, x, device)
-    return x.reshape(-1)
-
-
-def _check_positive_count(num, sync_ok: bool) -> None:
-    """num_items_in_batch must be > 0. A tensor is checked only where that costs no host sync: on the CPU, outside
-    torch.compile (or anywhere with check_finite=True); on an accelerator a stream-ordered device assert checks it."""
-    if not isinstance(num, torch.Tensor):
-        if num <= 0:
-            raise ValueError(f"num_items_in_batch must be > 0 (the divisor of reduction='mean'), got {num}")
-    elif torch.compiler.is_compiling():
-        return
-    elif num.device.type == "cpu" or sync_ok:
-        if not bool(num > 0):
-            raise ValueError(f"num_items_in_batch must be > 0 (the divisor of reduction='mean'), got {num.item()}")
-    elif num.device.type != "meta":
-        torch._assert_async(num > 0, "num_items_in_batch must be > 0 (the divisor of reduction='mean')")
 
 
 def _check_finite(student, original, augmented, valid, teacher_row, reverse):
@@ -256,40 +220,20 @@ def _kl_loss(student_logits, original_logits, augmented_logits, alpha, *, labels
         if t is None and name == "augmented_logits":
             continue
         _check_logits(name, t, v)
-        _check_device(name, t, device)
+        check_device(name, t, device, "student_logits")
         if t.requires_grad:
             raise ValueError(f"{name} requires grad; the loss gives gradients to student_logits only: "
                              f"pass {name}.detach() (or compute it under torch.no_grad())")
     if augmented_logits is not None and augmented_logits.shape != original_logits.shape:
         raise ValueError(f"augmented_logits has shape {tuple(augmented_logits.shape)}, "
                          f"original_logits {tuple(original_logits.shape)}: they must match")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-        raise TypeError(f"alpha must be a finite real number, got {alpha!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if teacher_rows not in ("all", "valid"):
-        raise ValueError(f"teacher_rows must be 'all' or 'valid', got {teacher_rows!r}")
+    check_options(alpha=alpha, temperature=temperature, reduction=reduction, teacher_rows=teacher_rows,
+                  num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, sync_ok=check_finite)
     m = math.prod(original_logits.shape[:-1])
     if teacher_rows == "all" and m != n:
         raise ValueError(f"original_logits has {m} rows (shape {tuple(original_logits.shape)}) but student_logits "
                          f"has {n} (shape {tuple(student_logits.shape)}); with teacher_rows='valid' the teacher "
                          "holds one row per valid student row")
-    if num_items_in_batch is not None:
-        if reduction != "mean":
-            raise ValueError("num_items_in_batch replaces the divisor of reduction='mean'; "
-                             f"got reduction={reduction!r}")
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.dim() != 0 or num_items_in_batch.dtype == torch.bool:
-                raise TypeError("num_items_in_batch must be an int or a 0-d numeric tensor, "
-                                f"got a {num_items_in_batch.dtype} tensor of shape {tuple(num_items_in_batch.shape)}")
-        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Integral):
-            raise TypeError(f"num_items_in_batch must be an int or a 0-d tensor, got {num_items_in_batch!r}")
-        _check_positive_count(num_items_in_batch, check_finite)
-    if not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     dtypes = {name: t.dtype for name, t in [("student_logits", student_logits)] + teachers if t is not None}
     resolved = resolve(backend, device, dtypes)
     # float64 anywhere is computed in float64 (by the torch backend): the loss and its scale are float64 then
@@ -298,9 +242,9 @@ def _kl_loss(student_logits, original_logits, augmented_logits, alpha, *, labels
     # Which rows count: labels != ignore_index and mask, as a flat bool [N] on the device.
     valid = torch.ones(n, dtype=torch.bool, device=device)
     if labels is not None:
-        valid = _row_mask("labels", labels, row_shape, device, integer=True) != ignore_index
+        valid = row_mask("labels", labels, row_shape, device, integer=True, of="student_logits") != ignore_index
     if mask is not None:
-        valid = valid & _row_mask("mask", mask, row_shape, device, integer=False)
+        valid = valid & row_mask("mask", mask, row_shape, device, integer=False, of="student_logits")
     if teacher_rows == "all":
         teacher_row = torch.where(valid, torch.arange(n, device=device), -1)
     else:
