@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from rklu_fast.data import encode_qa, get_template, load_tofu
-from rklu_fast.jsonio import write_json
+from rklu_fast.jsonio import write_report
 
 
 def main() -> None:
@@ -99,14 +99,12 @@ def main() -> None:
                          f"--threads {args.threads}", "date": date.today().isoformat(),
               "machine": platform.processor() or platform.machine(), "rows": rows}
     stem = Path(args.out) / f"bench_step_layout_cpu_{report['date']}"
-    write_json(stem.with_suffix(".json"), report)
     lines = [f"# CPU step time, before/after the one-tensor cache and length grouping ({report['date']})", "",
              f"Command: `{report['command']}` (mini-TOFU architecture, forget10/retain90 lengths, batch 32)", "",
              "| variant | teacher cache | median step | min–max | tokens fed per step |", "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['cache_bytes'] / 2**20:.0f} MiB | {r['median_step_s']:.2f} s | "
               f"{r['min_step_s']:.2f}–{r['max_step_s']:.2f} s | {r['tokens_fed_per_step']:.0f} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_report(stem, report, lines)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from datetime import date
 from pathlib import Path
 
 from rklu_fast.data import encode_qa, get_template, load_tofu
-from rklu_fast.jsonio import write_json
+from rklu_fast.jsonio import write_report
 from rklu_fast.train.loop import ExampleStream, length_grouped
 
 
@@ -74,14 +74,12 @@ def main() -> None:
               "tokenizer": args.tokenizer or "BPE 32000 trained on the TOFU text", "batch": args.batch,
               "epochs": args.epochs, "date": date.today().isoformat(), "rows": rows}
     stem = Path(args.out) / f"padding_{date.today().isoformat()}"
-    write_json(stem.with_suffix(".json"), report)
     lines = [f"# Padding of training micro-batches (batch {args.batch}, {args.epochs} epochs, seed 0)", "",
              f"Command: `{report['command']}`  ", f"Tokenizer: {report['tokenizer']}", "",
              "| set | micro-batch | order | tokens fed | real tokens | padding |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['set']} | {r['micro']} | {r['order']} | {r['fed']} | {r['real']} | {r['padding_fraction']:.1%} |"
               for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_report(stem, report, lines)
 
 
 if __name__ == "__main__":

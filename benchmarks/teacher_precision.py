@@ -23,7 +23,7 @@ import torch
 
 from rklu_fast.data import encode_qa, get_template, load_tofu
 from rklu_fast.data.collate import collate, target_mask
-from rklu_fast.jsonio import write_json
+from rklu_fast.jsonio import write_report
 from rklu_fast.reference import teacher_logits
 from rklu_fast.train.teacher import fp32_head
 
@@ -83,15 +83,13 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(), "positions": len(logits["original"]["reference"]),
         "seconds": time.perf_counter() - t0, "rows": rows}
     stem = Path(args.out) / f"teacher_precision_{date.today().isoformat()}"
-    write_json(stem.with_suffix(".json"), report)
     lines = [f"# Teacher precision: bf16 vs fp32 LM heads ({report['positions']} answer positions of {args.forget})",
              "", f"Command: `{report['command']}`", "",
              "| α | frozen heads | KL(ref ‖ this) mean | KL max | top-1 agreement | max abs teacher-logit diff |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['alpha']:g} | {r['mode']} | {r['kl_mean']:.2e} | {r['kl_max']:.2e} | {r['top1_agreement']:.4f} | "
               f"{r['max_abs_logit_diff']:.3f} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_report(stem, report, lines)
 
 
 if __name__ == "__main__":

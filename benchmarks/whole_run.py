@@ -32,7 +32,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-from rklu_fast.jsonio import write_json  # noqa: E402
+from rklu_fast.jsonio import write_report  # noqa: E402
 
 DATASHEET_BF16_TFLOPS = 989.0
 ARCHS = {
@@ -172,7 +172,6 @@ def main() -> None:
               "command": "python benchmarks/whole_run.py " + " ".join(sys.argv[1:]),
               "python": platform.python_version(), "torch": torch.__version__, "dry_run": args.dry_run}
     stem = Path(args.out) / f"whole_run_{'dry-run' if args.dry_run else name}_{report['date']}"
-    write_json(stem.with_suffix(".json"), report)
     lines = [f"# Whole RKLU run: {arch} on {name} ({report['date']})", "",
              f"Command: `{report['command']}`  ", f"Parameters: {n_params:,}  ",
              f"Wall time from process start to unlearned weights: **{wall:.1f} s**  ",
@@ -186,8 +185,7 @@ def main() -> None:
                      f"{_fmt(r['mfu_vs_datasheet'], '.1%')} |")
     lines += ["", "Other seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()
                                                  if k not in ("augment", "unlearn"))]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_report(stem, report, lines)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,13 @@ def write_json(path: str | Path, data, indent: int | None = 1) -> Path:
     tmp.write_text(dumps(data, indent=indent) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_report(stem: str | Path, data, markdown_lines: list[str], echo: bool = True) -> None:
+    """``<stem>.json`` (``write_json``) and ``<stem>.md`` from ``markdown_lines``; the Markdown is printed too."""
+    stem = Path(stem)
+    write_json(stem.with_name(stem.name + ".json"), data)
+    text = "\n".join(markdown_lines) + "\n"
+    stem.with_name(stem.name + ".md").write_text(text, encoding="utf-8")
+    if echo:
+        print(text, end="")
