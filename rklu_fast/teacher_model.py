@@ -13,13 +13,13 @@ What differs from a transformers model, and what it costs:
 """
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from rklu_fast.hf_compat import cache_kwarg, output_cache
 from rklu_fast.reference import teacher_logits
 
 MANIFEST = "rklu_teacher.json"
@@ -28,16 +28,6 @@ MANIFEST = "rklu_teacher.json"
 class TeacherOutput(NamedTuple):
     logits: torch.Tensor
     caches: tuple | None  # (original's, augmented's) KV caches when use_cache
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """transformers ≥ 5.2x names the KV-cache argument ``cache`` (``past_key_values`` before, still accepted with a
-    FutureWarning); the GPU machine's 5.17 knows only ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(output):
-    return output.cache if hasattr(output, "cache") and output.cache is not None else output.past_key_values
 
 
 def is_teacher_dir(path: str | Path) -> bool:
@@ -105,11 +95,11 @@ class TeacherModel(torch.nn.Module):
                 ) -> TeacherOutput:
         outs = []
         for model, cache in zip((self.original, self.augmented), caches or (None, None)):
-            kwargs = {_cache_kwarg(model): cache} if cache is not None else {}
+            kwargs = {cache_kwarg(model): cache} if cache is not None else {}
             outs.append(model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=use_cache, **kwargs))
         logits = teacher_logits(outs[0].logits, outs[1].logits, self.alpha, self.form)
-        return TeacherOutput(logits, tuple(_cache_of(o) for o in outs) if use_cache else None)
+        return TeacherOutput(logits, tuple(output_cache(o) for o in outs) if use_cache else None)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

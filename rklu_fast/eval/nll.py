@@ -8,13 +8,13 @@ of whole-sequence forwards up to float rounding (the same attention over the sam
 """
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rklu_fast.hf_compat import cache_kwarg, output_cache
 from rklu_fast.data.collate import IGNORE_INDEX, collate, pad_rows, to_device
 
 
@@ -55,7 +55,7 @@ def _shared_batch(model, prefixes: list[list[int]], batch_examples: list[dict], 
                     logits_to_keep=1)
     except TypeError:  # a model without logits_to_keep: no sharing (a real error recurs in the whole pass)
         return None
-    cache = out.past_key_values
+    cache = output_cache(out)
     if not hasattr(cache, "batch_select_indices"):  # a cache that cannot be copied across rows: no sharing
         return None
     owner_t = torch.tensor(owner, device=device)
@@ -65,10 +65,8 @@ def _shared_batch(model, prefixes: list[list[int]], batch_examples: list[dict], 
     labels = pad_rows([e["labels"][k:] for e, k in zip(batch_examples, p)], IGNORE_INDEX).to(device)
     suffix_mask = pad_rows([[1] * (len(e["input_ids"]) - k) for e, k in zip(batch_examples, p)], 0).to(device)
     positions = n_prefix[owner_t, None] + torch.arange(suffix_ids.shape[1], device=device)
-    with warnings.catch_warnings():  # transformers 5.2x renamed it `cache`; older 5.x know only past_key_values
-        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
-        logits = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[owner_t], suffix_mask], 1),
-                       position_ids=positions, past_key_values=cache, use_cache=True).logits
+    logits = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[owner_t], suffix_mask], 1),
+                   position_ids=positions, use_cache=True, **{cache_kwarg(model): cache}).logits
     return _scored_nll(logits, labels, device)
 
 
