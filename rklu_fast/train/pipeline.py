@@ -16,6 +16,7 @@ checkpoints but no model was interrupted and continues from its last checkpoint 
 from __future__ import annotations
 
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -30,7 +31,7 @@ from rklu_fast.data.tofu import load_tofu
 from rklu_fast.model_refs import from_pretrained, missing_local
 from rklu_fast.data.refusals import load_refusals
 from rklu_fast.teacher_model import is_teacher_dir, load_causal_lm
-from rklu_fast.train import checkpoint, lora, loop
+from rklu_fast.train import checkpoint, distributed, lora, loop
 from rklu_fast.train.frozen import Frozen, ReferenceLogProbs
 from rklu_fast.train.methods import MethodContext, make_method, make_retain_term, method_class
 from rklu_fast.train.metrics import mean_answer_probability
@@ -60,6 +61,8 @@ class Run:
     # ------------------------------------------------------------------ checks before any compute
     def preflight(self, stages: tuple[str, ...]) -> None:
         """Config against the run dir, data, model references, vocabularies: errors before any training."""
+        if self.cfg["distributed"]["engine"] == "fsdp2" or "ACCELERATE_USE_FSDP" in os.environ:
+            _ = self.accelerator  # the engine's checks (launch config, number of processes)
         self._check_lora(stages)
         saved = self.dir / "config.yaml"
         if saved.is_file():
@@ -247,10 +250,25 @@ class Run:
 
     @property
     def accelerator(self):
+        """accelerate's ``Accelerator``, or with ``distributed.engine: fsdp2`` rklu's FSDP2 one (distributed.py)."""
         if self._accelerator is None:
             from accelerate import Accelerator
 
-            self._accelerator = Accelerator(mixed_precision=self.cfg["precision"], cpu=self.cfg["cpu"])
+            d = self.cfg["distributed"]
+            if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+                raise ConfigError("distributed.engine: this process was launched with an accelerate config of "
+                                  "distributed_type FSDP, which rklu does not use (accelerate shards only on GPUs, so "
+                                  "it cannot be tested here); launch with configs/accelerate/fsdp.yaml and set "
+                                  "distributed.engine=fsdp2")
+            kwargs = {"mixed_precision": self.cfg["precision"], "cpu": self.cfg["cpu"]}
+            if d["engine"] == "fsdp2":
+                try:
+                    self._accelerator = distributed.FSDP2Accelerator(
+                        reshard_after_forward=d["reshard_after_forward"], **kwargs)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+            else:
+                self._accelerator = Accelerator(**kwargs)
         return self._accelerator
 
     def model_path(self, role: str) -> str:
@@ -289,9 +307,10 @@ class Run:
         resume_from = self._resume_point(role) if self.resume else None
         if resume_from is not None:
             print(f"[rklu] {role}: resuming from {resume_from}")
-        # init: a model reference, or (LoRA) a function of the checkpoint to resume that builds the model
-        model = init(resume_from) if callable(init) else self.load_model(resume_from if resume_from is not None
-                                                                          else init)
+        # init: a model reference, or (LoRA) a function of the checkpoint to resume that builds the model; a
+        # sharded checkpoint's weights are restored into the sharded model (loop.train), which starts from init
+        weights = None if resume_from is None or checkpoint.is_sharded(resume_from) else resume_from
+        model = init(weights) if callable(init) else self.load_model(weights if weights is not None else init)
         if callable(kwargs.get("frozen")):  # LoRA: the frozen views are adapter settings of the student's model
             kwargs["frozen"] = kwargs["frozen"](model)
         torch.manual_seed(self.cfg["seed"])
@@ -303,11 +322,13 @@ class Run:
             self.stopped = True
             print(f"[rklu] {role}: stopped after {self.stop_after_steps} steps; continue with --resume")
             return False
+        full = distributed.export_state_dict(model)  # fsdp2: the shards gathered on the main process
         if self.accelerator.is_main_process:  # one writer in multi-process runs (issue 7)
-            checkpoint.save_model(out / "model", self.accelerator.unwrap_model(model), self.tokenizer)
+            checkpoint.save_model(out / "model", self.accelerator.unwrap_model(model), self.tokenizer, full)
             if self._uses_lora(role) and self.cfg["lora"]["merge"]:  # a plain model for tools without peft
-                checkpoint.save_model(out / "merged", lora.merged_model(self.accelerator.unwrap_model(model)),
-                                      self.tokenizer)
+                merged = lora.merged_model(self.accelerator.unwrap_model(model)) if full is None else \
+                    self._load_merged(str(out / "model"))  # a sharded model cannot merge in place
+                checkpoint.save_model(out / "merged", merged, self.tokenizer)
         self.accelerator.wait_for_everyone()
         self.accelerator.free_memory()  # drop accelerate's references to this stage's model and optimizer
         print(f"[rklu] {role}: saved {out / 'model'}")
@@ -414,6 +435,8 @@ class Run:
                 augmented = self.load_model(self.model_path("augmented"), self._frozen_dtype()).to(device)
             # built before the student: a cached teacher frees both models first (peak memory)
             frozen = self._frozen(method, forget, original, augmented, keep_original)
+            for model in frozen.models():  # fsdp2: the frozen models training still runs are sharded too
+                distributed.shard_frozen(model, self.accelerator)
             del original, augmented
             init = self.model_path("original")
         finish = on_epoch is None and self.cfg["eval"]["every_epoch"]
