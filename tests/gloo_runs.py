@@ -138,7 +138,11 @@ def _references(rank: int, world: int, root: Path, runs: dict) -> None:
         unlearn(rank, world, root / name, extra)
 
 
-REFERENCE_RUNS = {"rt": {}, "kl": {"unlearn.retain_term": "KL"}}
+# rt: cached teacher, RT retain term; kl: online teacher (its two models run every step) and the KL retain term
+# (the original's logits on the retain set); lora: the student a LoRA adapter on the shared base, cached teacher
+REFERENCE_RUNS = {"rt": {}, "kl": {"unlearn.retain_term": "KL", "teacher.mode": "online"},
+                  "lora": {"lora.enabled": "true", "lora.r": LORA["r"], "lora.alpha": LORA["alpha"],
+                           "augment.model": "null", "unlearn.lr": 3e-2}}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,187 @@
+"""FSDP2 (``distributed.engine: fsdp2``, rklu_fast/train/distributed.py) on 2 CPU processes over gloo: the code
+path ``configs/accelerate/fsdp.yaml`` runs on GPUs with NCCL.  ``rklu unlearn`` computes the same optimizer steps
+as one process (cached teacher with RT; online teacher with KL, both frozen models sharded; a LoRA student), the
+student is sharded per decoder layer, gradients are reduce-scattered once per optimizer step, and a run killed
+while writing a checkpoint resumes bit-identically."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from gloo_runs import (BATCH, LAYERS, MICRO, REFERENCE_RUNS, STEPS, gradient_step, launch, losses, models_dir,
+                       reference, unlearn, unlearn_args)
+from rklu_fast.train import checkpoint
+from tiny_pipeline import N_FORGET, needs_tofu
+
+pytestmark = needs_tofu
+FSDP = {"distributed.engine": "fsdp2"}
+
+
+def _fsdp_runs(rank, world, root, runs):
+    """The ``REFERENCE_RUNS`` under FSDP2, recording per run what was sharded (each FSDP unit's class, each
+    parameter's local and global shape) and how many reduce-scatters this rank ran."""
+    from rklu_fast.train import distributed
+
+    shard, reduce_scatter = distributed.shard, torch.distributed.reduce_scatter_single
+    sharded, calls = [], []
+
+    def recording_shard(model, *args, **kwargs):
+        out = shard(model, *args, **kwargs)
+        sharded.append({"units": [type(m).__name__.removeprefix("FSDP") for m in model.modules()
+                                  if distributed.is_sharded(m)],
+                        "shapes": {n: [list(p.to_local().shape), list(p.shape)] for n, p in model.named_parameters()}})
+        return out
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return reduce_scatter(*args, **kwargs)
+    distributed.shard, torch.distributed.reduce_scatter_single = recording_shard, counting
+    record = {}
+    for name, extra in runs.items():
+        sharded.clear(), calls.clear()
+        unlearn(rank, world, root / name, {**extra, **FSDP})
+        record[name] = {"sharded": list(sharded), "reduce_scatters": len(calls)}
+    (root / f"record-{rank}.json").write_text(json.dumps(record))
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    assert launch(_fsdp_runs, 2, root, REFERENCE_RUNS) == [0, 0]
+    return root, [json.loads((root / f"record-{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("run", list(REFERENCE_RUNS))
+def test_fsdp2_matches_one_process(fsdp, run):
+    """Per-step forget and retain losses within 1e-5 relative of one process; the exported model (the shards
+    gathered for save_pretrained) within float32 accumulation-order noise of one process's."""
+    from safetensors.torch import load_file
+
+    root, _ = fsdp
+    ref = reference() / run
+    one, two = losses(ref), losses(root / run)
+    assert [s for s, *_ in one] == [s for s, *_ in two] == list(range(1, STEPS + 1))
+    # (the KL term is 0 until the student moves: the first step's lr is 0, warm-up)
+    assert all(f > 0 for _, f, _ in one) and sum(r > 0 for *_, r in one) >= STEPS - 2
+    for (step, f1, r1), (_, f2, r2) in zip(one, two):
+        assert abs(f2 - f1) <= 1e-5 * abs(f1) and abs(r2 - r1) <= 1e-5 * abs(r1), (run, step, f1, f2, r1, r2)
+    name = "adapter_model.safetensors" if run == "lora" else "model.safetensors"
+    w1, w2 = (load_file(d / "unlearned" / "model" / name) for d in (ref, root / run))
+    assert sorted(w1) == sorted(w2)
+    start = load_file(models_dir() / "original" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert any(not torch.equal(w1[k], start[k]) for k in w1 if k in start) or run == "lora"  # it trained
+
+
+def test_student_and_online_frozen_models_are_sharded_per_decoder_layer(fsdp):
+    """Each sharded model: the root and one FSDP unit per decoder layer; every parameter split over the two
+    ranks along dim 0 (rank 0 the first ⌈n/2⌉ rows, rank 1 the rest).  The
+    cached-teacher run shards only the student; the online-teacher run also both frozen teacher models (the
+    original, which the KL term reads too, once)."""
+    _, (r0, r1) = fsdp
+    expected_models = {"rt": 1, "kl": 3, "lora": 1}
+    for run, n in expected_models.items():
+        models = list(zip(r0[run]["sharded"], r1[run]["sharded"]))
+        assert len(models) == n, run
+        for a, b in models:
+            root = "PeftModelForCausalLM" if run == "lora" else "LlamaForCausalLM"
+            assert a["units"] == b["units"] == [root] + ["LlamaDecoderLayer"] * LAYERS, run
+            assert a["shapes"].keys() == b["shapes"].keys() and len(a["shapes"]) > 0
+            for param, (local0, shape) in a["shapes"].items():
+                local1, _ = b["shapes"][param]
+                rows = -(-shape[0] // 2)
+                assert local0 == [rows, *shape[1:]] and local1 == [shape[0] - rows, *shape[1:]], (run, param)
+
+
+def test_gradients_are_reduce_scattered_once_per_optimizer_step(fsdp):
+    """Per optimizer step each FSDP unit with trainable parameters reduce-scatters once (2 micro-steps per rank
+    of 2 backwards each would make it 4 times): the 2 layers and the root, or with LoRA the 2 layers alone
+    (the root's embeddings and LM head are frozen)."""
+    _, records = fsdp
+    for record in records:
+        assert record["rt"]["reduce_scatters"] == STEPS * (LAYERS + 1)
+        assert record["kl"]["reduce_scatters"] == STEPS * (LAYERS + 1)
+        assert record["lora"]["reduce_scatters"] == STEPS * LAYERS
+
+
+def test_fsdp2_step_gradient_equals_one_process(tmp_path):
+    """One step (2 micro-steps per rank, forget and retain backward each): the loop's synchronisation
+    reduce-scatters once per unit where one per backward would do it 4 times, and the gathered gradient equals
+    one process's gradient of the whole step either way."""
+    seed = int(torch.seed() % 2**31)
+    assert launch(gradient_step, 1, "none", tmp_path / "one.pt", seed) == [0]
+    assert launch(gradient_step, 2, "fsdp2", tmp_path / "two.pt", seed) == [0, 0]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    micro_steps = BATCH // 2 // MICRO
+    assert len(two["loop"]["collectives"]) == LAYERS + 1
+    assert len(two["every_backward"]["collectives"]) == 2 * micro_steps * (LAYERS + 1)
+    for mode in ("loop", "every_backward"):
+        for name, expected in one["loop"]["grads"].items():
+            torch.testing.assert_close(two[mode]["grads"][name], expected, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{mode}, {name}, seed {seed}: {m}")
+
+
+def _resume(rank, world, run_dir):
+    unlearn(rank, world, run_dir, FSDP, ("--resume",))
+
+
+def _killed(rank, world, run_dir, fault):
+    import os
+
+    os.environ["RKLU_FAULT_AT"] = fault
+    unlearn(rank, world, run_dir, FSDP)
+
+
+def test_killed_fsdp_run_resumes_bit_identically(fsdp, tmp_path):
+    """Rank 0 is killed (exit 137, as by SIGKILL) while the epoch-2 checkpoint is being written, with rank 1's
+    shard of it cut in half; the launcher then kills rank 1.  The half-written checkpoint never becomes
+    ``epoch-2``; ``--resume`` on 2 processes continues from epoch-1 and ends bit-identical to the uninterrupted
+    2-process run: the same losses at every step, the same exported weights."""
+    from safetensors.torch import load_file
+
+    root, _ = fsdp
+    run_dir = tmp_path / "killed"
+    step = 2 * N_FORGET // BATCH  # the step that completes epoch 2
+    codes = launch(_killed, 2, run_dir, f"unlearned:{step}:{checkpoint.SHARDED_DIR}/__1_0.distcp:kill")
+    assert codes[0] == 137 and codes[1] != 0
+    ckpts = run_dir / "unlearned" / "checkpoints"
+    assert [p.name for p in checkpoint.epoch_checkpoints(ckpts)] == ["epoch-1"]
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith(".epoch-2.tmp-")]  # what the kill left
+    assert checkpoint.is_sharded(ckpts / "epoch-1") and checkpoint.verify(ckpts / "epoch-1") is None
+    assert launch(_resume, 2, run_dir) == [0, 0]
+    assert losses(run_dir) == losses(root / "rt")
+    w1, w2 = (load_file(d / "unlearned" / "model" / "model.safetensors") for d in (root / "rt", run_dir))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert not [p for p in ckpts.iterdir() if ".tmp-" in p.name]  # the leftover was cleared
+
+
+def test_resume_point_skips_a_damaged_sharded_checkpoint(fsdp, tmp_path):
+    """``resume_point`` verifies a sharded checkpoint against its manifest like a single-process one: a cut shard
+    or a missing ``.metadata`` is reported by name and the previous checkpoint is used."""
+    root, _ = fsdp
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(root / "rt" / "unlearned" / "checkpoints", ckpts)
+    assert [p.name for p in checkpoint.epoch_checkpoints(ckpts)] == ["epoch-1", "epoch-2"]
+    assert checkpoint.resume_point(ckpts) == ckpts / "epoch-2"
+    shard = ckpts / "epoch-2" / checkpoint.SHARDED_DIR / "__0_0.distcp"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    reports = []
+    assert checkpoint.resume_point(ckpts, report=reports.append) == ckpts / "epoch-1"
+    assert reports and f"{checkpoint.SHARDED_DIR}/__0_0.distcp has" in reports[0]
+    (ckpts / "epoch-1" / checkpoint.SHARDED_DIR / ".metadata").unlink()
+    assert "dcp/.metadata is missing" in checkpoint.verify(ckpts / "epoch-1")
+
+
+def test_fsdp2_needs_several_processes_and_refuses_accelerate_fsdp(tmp_path, capsys, monkeypatch):
+    from rklu_fast.cli import main
+
+    assert main([*unlearn_args(tmp_path / "one", **FSDP)]) == 2
+    assert "distributed.engine: 'fsdp2' shards the model over the launched processes" in capsys.readouterr().err
+    assert main([*unlearn_args(tmp_path / "eval", **FSDP, **{"eval.every_epoch": "true"})]) == 2
+    assert "eval.every_epoch: per-epoch evaluation runs on the main process alone" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for distributed_type FSDP
+    assert main([*unlearn_args(tmp_path / "acc")]) == 2
+    assert "launch with configs/accelerate/fsdp.yaml and set distributed.engine=fsdp2" in capsys.readouterr().err
