@@ -175,13 +175,37 @@ def test_resume_point_skips_a_damaged_sharded_checkpoint(fsdp, tmp_path):
     assert "dcp/.metadata is missing" in checkpoint.verify(ckpts / "epoch-1")
 
 
-def test_fsdp2_needs_several_processes_and_refuses_accelerate_fsdp(tmp_path, capsys, monkeypatch):
+def test_fsdp2_needs_several_processes_and_accelerate_sharding_is_refused(tmp_path, capsys, monkeypatch):
+    """Before any compute: fsdp2 in one process, fsdp2 with per-epoch evaluation (main process only), and a launch
+    whose accelerate config would have accelerate shard the model itself (what `accelerate launch` tells the
+    processes in ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED)."""
     from rklu_fast.cli import main
 
     assert main([*unlearn_args(tmp_path / "one", **FSDP)]) == 2
     assert "distributed.engine: 'fsdp2' shards the model over the launched processes" in capsys.readouterr().err
     assert main([*unlearn_args(tmp_path / "eval", **FSDP, **{"eval.every_epoch": "true"})]) == 2
     assert "eval.every_epoch: per-epoch evaluation runs on the main process alone" in capsys.readouterr().err
+    assert main([*unlearn_args(tmp_path / "opt", **FSDP, **{"unlearn.optimizer": "adamw_8bit"})]) == 2
+    assert "unlearn.optimizer: adamw_8bit is not supported under distributed.engine=fsdp2" in capsys.readouterr().err
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for distributed_type FSDP
     assert main([*unlearn_args(tmp_path / "acc")]) == 2
-    assert "launch with configs/accelerate/fsdp.yaml and set distributed.engine=fsdp2" in capsys.readouterr().err
+    assert "distributed_type FSDP, which rklu does not use (accelerate builds FSDP only on GPUs" in \
+        capsys.readouterr().err
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert main([*unlearn_args(tmp_path / "ds")]) == 2
+    assert "distributed_type DEEPSPEED, which rklu does not use (its ZeRO-2 reduces" in capsys.readouterr().err
+
+
+def test_a_sharded_checkpoint_resumes_only_under_fsdp2(fsdp, tmp_path, capsys):
+    """An interrupted fsdp2 stage resumed by one process (or DDP) is refused before any compute, naming the engine
+    that wrote the checkpoint: its optimizer state is sharded."""
+    from rklu_fast.cli import main
+
+    root, _ = fsdp
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "rt", run_dir)
+    shutil.rmtree(run_dir / "unlearned" / "model")  # as if killed after its last checkpoint
+    assert main([*unlearn_args(run_dir), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the 'unlearned' checkpoint" in err and "was written by distributed.engine=fsdp2" in err

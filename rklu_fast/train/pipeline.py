@@ -40,7 +40,7 @@ from rklu_fast.train.teacher_cache import make_teacher
 
 ROLES = ("original", "oracle", "augmented", "unlearned")
 # Keys that say how a run executes or reports, not what it computes: a run dir may continue with other values.
-RUNTIME_KEYS = ("threads", "log", "experiment")
+RUNTIME_KEYS = ("threads", "log", "experiment", "distributed")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,7 +61,8 @@ class Run:
     # ------------------------------------------------------------------ checks before any compute
     def preflight(self, stages: tuple[str, ...]) -> None:
         """Config against the run dir, data, model references, vocabularies: errors before any training."""
-        if self.cfg["distributed"]["engine"] == "fsdp2" or "ACCELERATE_USE_FSDP" in os.environ:
+        self._check_engine(stages)
+        if self.cfg["distributed"]["engine"] == "fsdp2" or _accelerate_sharding() is not None:
             _ = self.accelerator  # the engine's checks (launch config, number of processes)
         self._check_lora(stages)
         saved = self.dir / "config.yaml"
@@ -79,7 +80,9 @@ class Run:
                 raise ConfigError(f"run_dir: the {role!r} stage in {self.dir} was interrupted at {ckpts[-1].name}; "
                                   "continue it with --resume (or use a new run_dir)")
             if self.resume and not (self.dir / role / "model").is_dir():
-                self._resume_point(role)  # verified before any compute: damage is reported or refused now
+                # verified before any compute: damage is reported or refused now
+                if (ckpt := self._resume_point(role)) is not None:
+                    self._check_checkpoint_engine(role, ckpt)
         c = self.cfg
         given = {"finetune.original": c["finetune"]["original"], "finetune.oracle": c["finetune"]["oracle"],
                  "augment.model": c["augment"]["model"], "model.name_or_path": c["model"]["name_or_path"]}
@@ -103,6 +106,25 @@ class Run:
         if sizes and len(self.tokenizer) > min(sizes.values()):
             raise ConfigError(f"model.tokenizer: has {len(self.tokenizer)} tokens but the models' vocab size is "
                               f"{min(sizes.values())}")
+
+    def _check_engine(self, stages) -> None:
+        """``distributed.engine: fsdp2``: the optimizers of the stages that train now must take sharded tensors."""
+        if self.cfg["distributed"]["engine"] != "fsdp2":
+            return
+        for stage in stages:
+            if self.cfg[stage]["optimizer"] != "adamw":  # BF16AdamW's arithmetic is written for whole tensors
+                raise ConfigError(f"{stage}.optimizer: {self.cfg[stage]['optimizer']} is not supported under "
+                                  "distributed.engine=fsdp2; use adamw with model.dtype=float32 (sharded over N "
+                                  "processes, fp32 weights and AdamW states cost 16/N bytes per parameter)")
+
+    def _check_checkpoint_engine(self, role: str, ckpt: Path) -> None:
+        """A sharded checkpoint resumes only under fsdp2, and fsdp2 resumes only a sharded one."""
+        sharded, fsdp2 = checkpoint.is_sharded(ckpt), self.cfg["distributed"]["engine"] == "fsdp2"
+        if sharded != fsdp2:
+            written = "distributed.engine=fsdp2" if sharded else "one process or DDP (distributed.engine=accelerate)"
+            raise ConfigError(f"distributed.engine: the {role!r} checkpoint {ckpt} was written by {written}; resume "
+                              "it with the engine that wrote it (its optimizer state is "
+                              f"{'sharded' if sharded else 'whole'})")
 
     def _resume_point(self, role: str):
         """The intact checkpoint ``role`` resumes from (damaged newer ones reported), verified once per run."""
@@ -254,18 +276,17 @@ class Run:
         if self._accelerator is None:
             from accelerate import Accelerator
 
-            d = self.cfg["distributed"]
-            if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-                raise ConfigError("distributed.engine: this process was launched with an accelerate config of "
-                                  "distributed_type FSDP, which rklu does not use (accelerate shards only on GPUs, so "
-                                  "it cannot be tested here); launch with configs/accelerate/fsdp.yaml and set "
-                                  "distributed.engine=fsdp2")
-            kwargs = {"mixed_precision": self.cfg["precision"], "cpu": self.cfg["cpu"]}
+            if (kind := _accelerate_sharding()) is not None:
+                raise ConfigError(f"distributed.engine: this process was launched with an accelerate config of "
+                                  f"distributed_type {kind}, which rklu does not use ({_NOT_DRIVEN[kind]}; "
+                                  "docs/memory-and-scale.md); launch with configs/accelerate/fsdp.yaml and set "
+                                  "distributed.engine=fsdp2, or with configs/accelerate/ddp.yaml")
+            d, kwargs = self.cfg["distributed"], {"mixed_precision": self.cfg["precision"], "cpu": self.cfg["cpu"]}
             if d["engine"] == "fsdp2":
                 try:
                     self._accelerator = distributed.FSDP2Accelerator(
                         reshard_after_forward=d["reshard_after_forward"], **kwargs)
-                except ValueError as e:
+                except ValueError as e:  # one process
                     raise ConfigError(str(e)) from None
             else:
                 self._accelerator = Accelerator(**kwargs)
@@ -526,6 +547,22 @@ class Run:
         for label, role in (("before", "original"), ("after", "unlearned")):
             print(f"{label:>6} unlearning ({role:>9})  " + "  ".join(f"{result[label][k]:8.4f}" for k in sets))
         return result
+
+
+# `accelerate launch` configs whose distributed_type would have accelerate shard the model, and why rklu does not
+_NOT_DRIVEN = {"FSDP": "accelerate builds FSDP only on GPUs, so CI could not test it; rklu's fsdp2 engine runs the "
+                       "same FSDP2 on GPUs and CPUs",
+               "DEEPSPEED": "its ZeRO-2 reduces gradients at every micro-batch, steps the optimizer inside backward "
+                            "and partitions the optimizer state, none of which rklu's loop and checkpoints handle"}
+
+
+def _accelerate_sharding() -> str | None:
+    """``FSDP`` or ``DEEPSPEED`` when ``accelerate launch`` was given a config of that distributed_type (it says so
+    to the processes in ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``), else ``None``."""
+    for kind in _NOT_DRIVEN:
+        if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true":
+            return kind
+    return None
 
 
 def _with_defaults(config, defaults):
