@@ -206,6 +206,8 @@ def test_a_sharded_checkpoint_resumes_only_under_fsdp2(fsdp, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(root / "rt", run_dir)
     shutil.rmtree(run_dir / "unlearned" / "model")  # as if killed after its last checkpoint
+    saved = run_dir / "config.yaml"
+    saved.write_text(saved.read_text().replace(str(root / "rt"), str(run_dir)))
     assert main([*unlearn_args(run_dir), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "the 'unlearned' checkpoint" in err and "was written by distributed.engine=fsdp2" in err
