@@ -211,3 +211,30 @@ def test_a_sharded_checkpoint_resumes_only_under_fsdp2(fsdp, tmp_path, capsys):
     assert main([*unlearn_args(run_dir), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "the 'unlearned' checkpoint" in err and "was written by distributed.engine=fsdp2" in err
+
+
+def test_shipped_fsdp_config_launches_the_tested_engine():
+    """``configs/accelerate/fsdp.yaml`` is a plain multi-GPU launch (accelerate's loader reads MULTI_GPU, so
+    accelerate shards nothing and the processes reach rklu's engine), and the command in its header — the rklu
+    overrides of the launch line — is a valid config selecting that engine, with the optimizers it takes."""
+    import re
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from rklu_fast.config import load_config
+    from rklu_fast.train.distributed import ENGINES
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    shipped = configs / "accelerate" / "fsdp.yaml"
+    assert load_config_from_file(str(shipped)).distributed_type == DistributedType.MULTI_GPU
+    deepspeed = load_config_from_file(str(configs / "accelerate" / "deepspeed.yaml"))
+    assert deepspeed.distributed_type == DistributedType.DEEPSPEED  # refused (test above)
+    header = " ".join(line.lstrip("# ").rstrip("\\") for line in shipped.read_text().splitlines()
+                      if line.startswith("#  "))
+    config_file = re.search(r"--config (\S+)", header).group(1)
+    overrides = [t for t in header.split() if re.fullmatch(r"[\w.]+=\S+", t)]
+    config = load_config(configs.parent / config_file, overrides)
+    assert config["distributed"]["engine"] == "fsdp2" and "fsdp2" in ENGINES
+    assert {config[s]["optimizer"] for s in ("finetune", "augment", "unlearn")} == {"adamw"}

@@ -51,8 +51,9 @@ def decoder_layer_classes(model) -> set[type]:
     return found
 
 
-def shard(model: torch.nn.Module, mesh, reshard_after_forward: bool = True) -> torch.nn.Module:
-    """``fully_shard`` each decoder layer of ``model``, then the root (in place; returns ``model``)."""
+def shard(model: torch.nn.Module, mesh, reshard_after_forward: bool | None = True) -> torch.nn.Module:
+    """``fully_shard`` each decoder layer of ``model``, then the root (in place; returns ``model``).
+    ``reshard_after_forward``: FSDP2's (``None``: every layer but the root, whose weights backward needs first)."""
     from torch.distributed.fsdp import fully_shard
 
     if is_sharded(model):  # e.g. one model serving as the online teacher's original and the KL term's
@@ -68,8 +69,9 @@ def shard(model: torch.nn.Module, mesh, reshard_after_forward: bool = True) -> t
 class FSDP2Accelerator(Accelerator):
     """An ``Accelerator`` whose ``prepare(model, optimizer)`` shards the model with FSDP2 over all processes.
 
-    ``reshard_after_forward``: free each layer's gathered weights after its forward (gathered again in backward;
-    ``False`` keeps them until backward: less communication, more memory).  Mixed precision is accelerate's
+    ``reshard_after_forward``: free each decoder layer's gathered weights after its forward (gathered again in
+    backward; the root's stay, backward needs them first); ``False`` keeps every layer's until backward: less
+    communication, more memory.  Mixed precision is accelerate's
     autocast over fp32 (or ``model.dtype``) shards, as in one process, so both compute the same numbers.
     """
 
@@ -95,15 +97,16 @@ class FSDP2Accelerator(Accelerator):
                              "is restored after sharding, from a sharded checkpoint (a checkpoint written by a "
                              "run without fsdp2 cannot be resumed by one with it)")
         names = {id(p): n for n, p in model.named_parameters()}
-        shard(model.to(self.device), self.mesh, self.reshard_after_forward)
+        shard(model.to(self.device), self.mesh, None if self.reshard_after_forward else False)
         sharded = dict(model.named_parameters())
         for group in optimizer.param_groups:
             group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         return model, optimizer
 
     def shard_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A frozen model (forward only) sharded like the student: each rank keeps 1/N of its weights."""
-        return shard(model.to(self.device), self.mesh, self.reshard_after_forward)
+        """A frozen model sharded like the student: each rank keeps 1/N of its weights.  It only runs forwards,
+        so every layer (the root too) frees its gathered weights after its forward."""
+        return shard(model.to(self.device), self.mesh, True)
 
     @contextlib.contextmanager
     def no_sync(self, model):
