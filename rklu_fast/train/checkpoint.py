@@ -7,6 +7,11 @@ at disk speed; a cryptographic hash would add nothing against torn writes and bi
 temporary sibling, fsynced, then renamed: a killed run or a failed write leaves either the whole checkpoint or
 none, never half of one, and the previous checkpoints untouched.
 
+A sharded checkpoint (``distributed.engine: fsdp2``, written by ``distributed.save_checkpoint``) has the same
+atomic directory and manifest, with the model's and optimizer's shards under ``dcp/`` (``torch.distributed.
+checkpoint``) in place of the ``save_pretrained`` weights and the optimizer in ``training_state.pt``
+(``is_sharded``).
+
 On ``--resume``, ``resume_point`` verifies the latest checkpoint against its manifest; a damaged or incomplete one
 is reported by file name and the previous intact one is used; none left is an error saying what to do.
 """

@@ -135,11 +135,11 @@ def shard_frozen(model, accelerator):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _state_options(**kwargs):
+def _state_options(model, **kwargs):
+    """LoRA: only the trainable adapter is saved (the frozen base is the original's, loaded again)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # LoRA: only the trainable adapter is training state (the frozen base is reloaded from the original)
-    return StateDictOptions(ignore_frozen_params=True, **kwargs)
+    return StateDictOptions(ignore_frozen_params=hasattr(model, "peft_config"), **kwargs)
 
 
 def save_checkpoint(path: str | Path, model, tokenizer, *, step: int, optimizer, scheduler, accelerator,
@@ -158,7 +158,7 @@ def save_checkpoint(path: str | Path, model, tokenizer, *, step: int, optimizer,
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     path, main = Path(path), accelerator.is_main_process
-    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options())
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
     rngs = gather_object([checkpoint.rng_state()])
     failure = None
     try:
@@ -203,11 +203,11 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, accelerator) 
     if not is_sharded(model):
         raise ValueError(f"resume: {path} holds sharded state (written under distributed.engine=fsdp2); resume "
                          "it with that engine")
-    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options())
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=path / checkpoint.SHARDED_DIR)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_state_options())
+                   options=_state_options(model))
     training = checkpoint.load_training_state(path)
     scheduler.load_state_dict(training["scheduler"])
     rngs = training["rng_per_rank"]
@@ -223,5 +223,5 @@ def export_state_dict(model) -> dict | None:
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = get_model_state_dict(model, options=_state_options(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=_state_options(model, full_state_dict=True, cpu_offload=True))
     return state if torch.distributed.get_rank() == 0 else None

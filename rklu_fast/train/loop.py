@@ -7,9 +7,10 @@ they read teacher logits, reference log-likelihoods or the original's logits fro
 One optimizer step consumes ``batch_size`` forget examples (and as many retain examples), split into micro-batches
 of ``micro_batch_size``.  A method may train each example on other sequences than the example itself (its
 ``views``: IDK a refusal, IdkDPO a refusal and the gold answer).  Every loss term is normalised by the whole
-step's counts (``StepCounts``), so accumulation reproduces the big batch exactly.  Under DDP every rank draws
-the same global step batch (a function of seed and step), keeps its fixed slice, normalises by the whole step's
-counts, and gradients are synchronised once per step (``no_sync`` on every backward but the last).
+step's counts (``StepCounts``), so accumulation reproduces the big batch exactly.  Under DDP or FSDP2
+(``distributed.py``) every rank draws the same global step batch (a function of seed and step), keeps its fixed
+slice, normalises by the whole step's counts, and gradients are synchronised once per step (``no_sync`` on every
+backward but the last).  A sharded (FSDP2) model writes sharded checkpoints, every rank its part.
 
 The hot path has one host sync per optimizer step: the step's losses and gradient norm are read together, to
 stop the stage on a non-finite value before the optimizer applies it (``NonFiniteError``); statistics that need
