@@ -138,9 +138,11 @@ def _references(rank: int, world: int, root: Path, runs: dict) -> None:
         unlearn(rank, world, root / name, extra)
 
 
-# rt: cached teacher, RT retain term; kl: online teacher (its two models run every step) and the KL retain term
-# (the original's logits on the retain set); lora: the student a LoRA adapter on the shared base, cached teacher
-REFERENCE_RUNS = {"rt": {}, "kl": {"unlearn.retain_term": "KL", "teacher.mode": "online"},
+# rt: cached teacher, RT retain term; kl: online teacher (its two models run every step), the KL retain term (the
+# original's logits on the retain set) and gradient checkpointing; lora: the student a LoRA adapter on the shared
+# base, cached teacher
+REFERENCE_RUNS = {"rt": {}, "kl": {"unlearn.retain_term": "KL", "teacher.mode": "online",
+                                   "unlearn.gradient_checkpointing": "true"},
                   "lora": {"lora.enabled": "true", "lora.r": LORA["r"], "lora.alpha": LORA["alpha"],
                            "augment.model": "null", "unlearn.lr": 3e-2}}
 

@@ -1,8 +1,8 @@
 """FSDP2 (``distributed.engine: fsdp2``, rklu_fast/train/distributed.py) on 2 CPU processes over gloo: the code
 path ``configs/accelerate/fsdp.yaml`` runs on GPUs with NCCL.  ``rklu unlearn`` computes the same optimizer steps
-as one process (cached teacher with RT; online teacher with KL, both frozen models sharded; a LoRA student), the
-student is sharded per decoder layer, gradients are reduce-scattered once per optimizer step, and a run killed
-while writing a checkpoint resumes bit-identically."""
+as one process (cached teacher with RT; online teacher with KL and gradient checkpointing, both frozen models
+sharded; a LoRA student), the student is sharded per decoder layer, gradients are reduce-scattered once per
+optimizer step, and a run killed while writing a checkpoint resumes bit-identically."""
 import json
 import shutil
 
