@@ -126,6 +126,7 @@ def unlearn(rank: int, world: int, run_dir, extra: dict, flags: tuple = ()) -> N
     run's augmented model is the adapter of ``models_dir`` (LoRA mode reads it from the run dir)."""
     from rklu_fast.cli import main
 
+    extra = run_settings(extra, run_dir)
     if str(extra.get("lora.enabled")) == "true" and rank == 0 and not (Path(run_dir) / "augmented").exists():
         shutil.copytree(models_dir() / "augmented-adapter", Path(run_dir) / "augmented" / "model")
     status = main([*unlearn_args(run_dir, **extra), *flags])
@@ -138,13 +139,20 @@ def _references(rank: int, world: int, root: Path, runs: dict) -> None:
         unlearn(rank, world, root / name, extra)
 
 
-# rt: cached teacher, RT retain term; kl: online teacher (its two models run every step), the KL retain term (the
+def run_settings(extra: dict, run_dir) -> dict:
+    """``extra`` with ``{run_dir}`` in its values replaced by ``run_dir``."""
+    return {k: str(v).replace("{run_dir}", str(run_dir)) for k, v in extra.items()}
+
+
+# rt: cached teacher in teacher.cache_dir (under N processes rank 0 writes it, the others memory-map it), RT
+# retain term; kl: online teacher (its two models run every step), the KL retain term (the
 # original's logits on the retain set) and gradient checkpointing; lora: the student a LoRA adapter on the shared
-# base, cached teacher
-REFERENCE_RUNS = {"rt": {}, "kl": {"unlearn.retain_term": "KL", "teacher.mode": "online",
-                                   "unlearn.gradient_checkpointing": "true"},
+# base, cached teacher, also exported merged into the base
+REFERENCE_RUNS = {"rt": {"teacher.cache_dir": "{run_dir}/teacher-cache"},
+                  "kl": {"unlearn.retain_term": "KL", "teacher.mode": "online",
+                         "unlearn.gradient_checkpointing": "true"},
                   "lora": {"lora.enabled": "true", "lora.r": LORA["r"], "lora.alpha": LORA["alpha"],
-                           "augment.model": "null", "unlearn.lr": 3e-2}}
+                           "lora.merge": "true", "augment.model": "null", "unlearn.lr": 3e-2}}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,10 +1,12 @@
-"""DDP (accelerate's, 2 CPU processes over gloo): ``rklu unlearn`` with the cached teacher computes the same
-optimizer steps as one process at the same effective batch, and the gradients are synchronised once per
-optimizer step (``no_sync`` on every backward but the step's last) without changing them."""
+"""DDP (accelerate's, 2 CPU processes over gloo): ``rklu unlearn`` with the cached teacher (written by rank 0 to
+``teacher.cache_dir``, memory-mapped by both) computes the same optimizer steps as one process at the same
+effective batch, and the gradients are synchronised once per optimizer step (``no_sync`` on every backward but
+the step's last) without changing them."""
 import pytest
 import torch
 
-from gloo_runs import BATCH, MICRO, STEPS, gradient_step, launch, losses, reference, unlearn, weights
+from gloo_runs import (BATCH, MICRO, REFERENCE_RUNS, STEPS, gradient_step, launch, losses, reference, unlearn,
+                       weights)
 from rklu_fast.data.collate import count_targets
 from rklu_fast.train.sampling import loss_scale, rank_slice
 from tiny_pipeline import needs_tofu
@@ -27,7 +29,7 @@ def _ddp_run(rank, world, run_dir, calls_file):
         out[0].register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(state, bucket))
         return out
     Accelerator.prepare = counting_prepare
-    unlearn(rank, world, run_dir, {})
+    unlearn(rank, world, run_dir, REFERENCE_RUNS["rt"])
     with open(f"{calls_file}-{rank}.json", "w") as f:
         json.dump(len(calls), f)
 

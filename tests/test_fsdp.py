@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gloo_runs import (BATCH, LAYERS, MICRO, REFERENCE_RUNS, STEPS, gradient_step, launch, losses, models_dir,
-                       reference, unlearn, unlearn_args)
+                       reference, run_settings, unlearn, unlearn_args)
 from rklu_fast.train import checkpoint
 from tiny_pipeline import N_FORGET, needs_tofu
 
@@ -20,11 +20,19 @@ FSDP = {"distributed.engine": "fsdp2"}
 
 def _fsdp_runs(rank, world, root, runs):
     """The ``REFERENCE_RUNS`` under FSDP2, recording per run what was sharded (each FSDP unit's class, each
-    parameter's local and global shape) and how many reduce-scatters this rank ran."""
+    parameter's local and global shape), how many reduce-scatters this rank ran and how many teacher caches it
+    built."""
     from rklu_fast.train import distributed
+    from rklu_fast.train.teacher_cache import TeacherCache
 
     shard, reduce_scatter = distributed.shard, torch.distributed.reduce_scatter_single
-    sharded, calls = [], []
+    sharded, calls, builds = [], [], []
+    build = TeacherCache.build.__func__
+
+    def counting_build(cls, *args, **kwargs):
+        builds.append(1)
+        return build(cls, *args, **kwargs)
+    TeacherCache.build = classmethod(counting_build)
 
     def recording_shard(model, *args, **kwargs):
         out = shard(model, *args, **kwargs)
@@ -39,9 +47,9 @@ def _fsdp_runs(rank, world, root, runs):
     distributed.shard, torch.distributed.reduce_scatter_single = recording_shard, counting
     record = {}
     for name, extra in runs.items():
-        sharded.clear(), calls.clear()
+        sharded.clear(), calls.clear(), builds.clear()
         unlearn(rank, world, root / name, {**extra, **FSDP})
-        record[name] = {"sharded": list(sharded), "reduce_scatters": len(calls)}
+        record[name] = {"sharded": list(sharded), "reduce_scatters": len(calls), "cache_builds": len(builds)}
     (root / f"record-{rank}.json").write_text(json.dumps(record))
 
 
@@ -55,7 +63,8 @@ def fsdp(tmp_path_factory):
 @pytest.mark.parametrize("run", list(REFERENCE_RUNS))
 def test_fsdp2_matches_one_process(fsdp, run):
     """Per-step forget and retain losses within 1e-5 relative of one process; the exported model (the shards
-    gathered for save_pretrained) within float32 accumulation-order noise of one process's."""
+    gathered for save_pretrained; LoRA: the adapter and the merged model) within float32 accumulation-order
+    noise of one process's."""
     from safetensors.torch import load_file
 
     root, _ = fsdp
@@ -73,6 +82,21 @@ def test_fsdp2_matches_one_process(fsdp, run):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
     assert any(not torch.equal(w1[k], start[k]) for k in w1 if k in start) or run == "lora"  # it trained
+    if run == "lora":  # the adapter merged into the base (from the gathered adapter, on rank 0)
+        m1, m2 = (load_file(d / "unlearned" / "merged" / "model.safetensors") for d in (ref, root / run))
+        assert sorted(m1) == sorted(m2) == sorted(start)
+        assert any(not torch.equal(m1[k], start[k]) for k in m1)
+        for k in m1:
+            torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_each_rank_holds_the_cached_teacher_built_once_per_directory(fsdp):
+    """Without ``teacher.cache_dir`` (LoRA run) each rank builds the cache in its memory; with it (RT run) rank 0
+    writes the directory and rank 1 memory-maps it; the online-teacher run builds none."""
+    _, (r0, r1) = fsdp
+    assert [r["rt"]["cache_builds"] for r in (r0, r1)] == [1, 0]
+    assert [r["lora"]["cache_builds"] for r in (r0, r1)] == [1, 1]
+    assert [r["kl"]["cache_builds"] for r in (r0, r1)] == [0, 0]
 
 
 def test_student_and_online_frozen_models_are_sharded_per_decoder_layer(fsdp):
@@ -123,15 +147,18 @@ def test_fsdp2_step_gradient_equals_one_process(tmp_path):
                                        msg=lambda m: f"{mode}, {name}, seed {seed}: {m}")
 
 
+RT = {**REFERENCE_RUNS["rt"], **FSDP}
+
+
 def _resume(rank, world, run_dir):
-    unlearn(rank, world, run_dir, FSDP, ("--resume",))
+    unlearn(rank, world, run_dir, RT, ("--resume",))
 
 
 def _killed(rank, world, run_dir, fault):
     import os
 
     os.environ["RKLU_FAULT_AT"] = fault
-    unlearn(rank, world, run_dir, FSDP)
+    unlearn(rank, world, run_dir, RT)
 
 
 def test_killed_fsdp_run_resumes_bit_identically(fsdp, tmp_path):
@@ -208,7 +235,7 @@ def test_a_sharded_checkpoint_resumes_only_under_fsdp2(fsdp, tmp_path, capsys):
     shutil.rmtree(run_dir / "unlearned" / "model")  # as if killed after its last checkpoint
     saved = run_dir / "config.yaml"
     saved.write_text(saved.read_text().replace(str(root / "rt"), str(run_dir)))
-    assert main([*unlearn_args(run_dir), "--resume"]) == 2
+    assert main([*unlearn_args(run_dir, **run_settings(REFERENCE_RUNS["rt"], run_dir)), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "the 'unlearned' checkpoint" in err and "was written by distributed.engine=fsdp2" in err
 

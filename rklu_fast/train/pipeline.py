@@ -475,11 +475,19 @@ class Run:
         teacher = reference = None
         if "teacher" in method.needs:
             check_same_vocab(original=original, augmented=augmented)
-            teacher = make_teacher(self.cfg["teacher"]["mode"], original, augmented, forget, template=self.template,
-                                   pad_token_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
-                                   cache_dir=self.cfg["teacher"]["cache_dir"],
-                                   micro_batch_size=self.cfg["unlearn"]["micro_batch_size"],
-                                   autocast=self.accelerator.autocast, form=self.cfg["unlearn"]["teacher_form"])
+            acc, cache_dir = self.accelerator, self.cfg["teacher"]["cache_dir"]
+
+            def build():
+                return make_teacher(self.cfg["teacher"]["mode"], original, augmented, forget, template=self.template,
+                                    pad_token_id=self.tokenizer.pad_token_id, device=acc.device, cache_dir=cache_dir,
+                                    micro_batch_size=self.cfg["unlearn"]["micro_batch_size"],
+                                    autocast=acc.autocast, form=self.cfg["unlearn"]["teacher_form"])
+            if cache_dir is not None and acc.num_processes > 1:  # one writer: the others memory-map its directory
+                teacher = build() if acc.is_main_process else None
+                acc.wait_for_everyone()
+                teacher = teacher or build()
+            else:
+                teacher = build()
         if "reference" in method.needs:
             u = self.cfg["unlearn"]
             sequences = {}
