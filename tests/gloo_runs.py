@@ -127,8 +127,14 @@ def unlearn(rank: int, world: int, run_dir, extra: dict, flags: tuple = ()) -> N
     from rklu_fast.cli import main
 
     extra = run_settings(extra, run_dir)
-    if str(extra.get("lora.enabled")) == "true" and rank == 0 and not (Path(run_dir) / "augmented").exists():
-        shutil.copytree(models_dir() / "augmented-adapter", Path(run_dir) / "augmented" / "model")
+    adapter = Path(run_dir) / "augmented" / "model"
+    if str(extra.get("lora.enabled")) == "true" and not adapter.exists():
+        if rank == 0:  # copied whole, then renamed: the other ranks see all of it or nothing
+            shutil.copytree(models_dir() / "augmented-adapter", adapter.with_name("model.tmp"))
+            os.rename(adapter.with_name("model.tmp"), adapter)
+        deadline = time.monotonic() + 60
+        while not adapter.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
     status = main([*unlearn_args(run_dir, **extra), *flags])
     if status:
         raise SystemExit(f"rank {rank}: rklu unlearn exited with {status}")

@@ -251,7 +251,6 @@ def test_shipped_fsdp_config_launches_the_tested_engine():
     from accelerate.utils import DistributedType
 
     from rklu_fast.config import load_config
-    from rklu_fast.train.distributed import ENGINES
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     shipped = configs / "accelerate" / "fsdp.yaml"
@@ -263,5 +262,34 @@ def test_shipped_fsdp_config_launches_the_tested_engine():
     config_file = re.search(r"--config (\S+)", header).group(1)
     overrides = [t for t in header.split() if re.fullmatch(r"[\w.]+=\S+", t)]
     config = load_config(configs.parent / config_file, overrides)
-    assert config["distributed"]["engine"] == "fsdp2" and "fsdp2" in ENGINES
+    assert config["distributed"]["engine"] == "fsdp2"
     assert {config[s]["optimizer"] for s in ("finetune", "augment", "unlearn")} == {"adamw"}
+
+
+def _full_disk(rank, world, run_dir, fault):
+    """``rklu unlearn`` with an injected ENOSPC; this rank's exit status and error line go to a file."""
+    import contextlib
+    import io
+    import os
+
+    from rklu_fast.cli import main
+
+    os.environ["RKLU_FAULT_AT"] = fault
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(unlearn_args(run_dir, **run_settings(RT, run_dir)))
+    (run_dir / f"status-{rank}.json").write_text(json.dumps([status, err.getvalue()]))
+
+
+def test_a_failed_sharded_checkpoint_write_stops_every_rank(tmp_path):
+    """Rank 0's write of the first checkpoint fails (disk full, injected after rank 1's shard is written): every
+    rank stops with the same error (exit 1, the --resume command), nothing of the checkpoint is kept."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert launch(_full_disk, 2, run_dir, f"unlearned:{N_FORGET // BATCH}:{checkpoint.STATE_FILE}") == [0, 0]
+    for rank in (0, 1):
+        status, err = json.loads((run_dir / f"status-{rank}.json").read_text())
+        assert status == 1 and "epoch-1: writing failed (OSError" in err and "No space left" in err, (rank, err)
+        assert "continue with: rklu unlearn" in err
+    ckpts = run_dir / "unlearned" / "checkpoints"
+    assert not ckpts.exists() or not list(ckpts.iterdir())

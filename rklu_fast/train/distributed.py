@@ -30,9 +30,6 @@ from accelerate import Accelerator
 
 from rklu_fast.train import checkpoint, faults
 
-ENGINES = ("accelerate", "fsdp2")
-
-
 def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -71,8 +68,8 @@ class FSDP2Accelerator(Accelerator):
 
     ``reshard_after_forward``: free each decoder layer's gathered weights after its forward (gathered again in
     backward; the root's stay, backward needs them first); ``False`` keeps every layer's until backward: less
-    communication, more memory.  Mixed precision is accelerate's
-    autocast over fp32 (or ``model.dtype``) shards, as in one process, so both compute the same numbers.
+    communication, more memory.  Mixed precision is accelerate's autocast over fp32 (or ``model.dtype``) shards,
+    as in one process, so both compute the same numbers.
     """
 
     def __init__(self, *args, reshard_after_forward: bool = True, **kwargs):
@@ -160,19 +157,26 @@ def save_checkpoint(path: str | Path, model, tokenizer, *, step: int, optimizer,
     path, main = Path(path), accelerator.is_main_process
     model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
     rngs = gather_object([checkpoint.rng_state()])
-    failure = None
-    try:
-        with checkpoint.atomic_directory(path) if main else contextlib.nullcontext() as made:
-            tmp = Path(broadcast_object_list([str(made) if main else None])[0])
-            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / checkpoint.SHARDED_DIR)
-            if main:
-                torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rngs[0], "rng_per_rank": rngs},
-                           tmp / checkpoint.STATE_FILE)
-                _save_configs(tmp, model, tokenizer)
-                checkpoint.write_manifest(tmp)
-                faults.at_checkpoint_write(tmp, role or path.parent.parent.name, step)
-    except Exception as e:  # noqa: BLE001 - reported on every rank below
-        failure = f"{type(e).__name__}: {e}"
+    failure, made, writing = None, None, contextlib.ExitStack()
+    if main:
+        try:
+            made = writing.enter_context(checkpoint.atomic_directory(path))
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            failure = f"{type(e).__name__}: {e}"
+    tmp = broadcast_object_list([str(made) if made is not None else None])[0]  # every rank: where to write
+    if tmp is not None:
+        tmp = Path(tmp)
+        try:
+            with writing:  # rank 0: leaving it fsyncs and renames the directory, an exception discards it
+                dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / checkpoint.SHARDED_DIR)
+                if main:
+                    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rngs[0],
+                                "rng_per_rank": rngs}, tmp / checkpoint.STATE_FILE)
+                    _save_configs(tmp, model, tokenizer)
+                    checkpoint.write_manifest(tmp)
+                    faults.at_checkpoint_write(tmp, role or path.parent.parent.name, step)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            failure = f"{type(e).__name__}: {e}"
     failures = [f for f in gather_object([failure]) if f is not None]
     if failures:
         raise checkpoint.CheckpointWriteError(f"checkpoint {path}: writing failed ({failures[0]}); nothing of it "

@@ -218,14 +218,14 @@ class Run:
 
     def save_run_info(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+        _replace(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
         versions = {"python": platform.python_version()}
         for pkg in ("rklu_fast", "torch", "transformers", "accelerate", "tokenizers", "datasets", "triton"):
             try:
                 versions[pkg] = metadata.version(pkg)
             except metadata.PackageNotFoundError:
                 versions[pkg] = None
-        (self.dir / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
+        _replace(self.dir / "versions.json", json.dumps(versions, indent=2) + "\n")
 
     # ------------------------------------------------------------------ data, tokenizer, models
     def _records(self):
@@ -571,6 +571,14 @@ def _accelerate_sharding() -> str | None:
         if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true":
             return kind
     return None
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it): every process of a multi-process run
+    writes the run info while the others' pre-flight may be reading it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _with_defaults(config, defaults):
