@@ -31,7 +31,7 @@ STEPS = EPOCHS * N_FORGET // BATCH
 LAYERS = 2
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -62,7 +62,7 @@ def launch(fn, world: int, *args, timeout: float = 300.0) -> list[int]:
     rendezvous); returns their exit codes.  When one fails (an exception, or killed), the others are killed,
     as a launcher does: a rank waiting in a collective would wait forever."""
     models_dir()  # the inputs every process reads are made once, before the fork (else each made its own)
-    ctx = mp.start_processes(_child, args=(world, _free_port(), fn, args), nprocs=world, join=False,
+    ctx = mp.start_processes(_child, args=(world, free_port(), fn, args), nprocs=world, join=False,
                              start_method="fork")
     deadline = time.monotonic() + timeout
     try:

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from gloo_runs import (BATCH, LAYERS, MICRO, REFERENCE_RUNS, STEPS, gradient_step, launch, losses, models_dir,
-                       reference, run_settings, unlearn, unlearn_args)
+from gloo_runs import (BATCH, LAYERS, MICRO, REFERENCE_RUNS, STEPS, free_port, gradient_step, launch, losses,
+                       models_dir, reference, run_settings, unlearn, unlearn_args)
 from rklu_fast.train import checkpoint
 from tiny_pipeline import N_FORGET, needs_tofu
 
@@ -293,3 +293,32 @@ def test_a_failed_sharded_checkpoint_write_stops_every_rank(tmp_path):
         assert "continue with: rklu unlearn" in err
     ckpts = run_dir / "unlearned" / "checkpoints"
     assert not ckpts.exists() or not list(ckpts.iterdir())
+
+
+def test_the_shipped_fsdp_config_runs_the_engine_through_accelerate_launch(tmp_path):
+    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` itself (torchrun, 2 processes; on this CPU
+    machine with ``--mixed_precision no`` and the run's ``cpu: true``, so gloo) runs ``rklu unlearn`` under
+    ``distributed.engine=fsdp2``: sharded checkpoints, per-step losses within 1e-5 of one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "launched"
+    models_dir()  # made here, read by both processes
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(repo / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+           "--main_process_port", str(free_port()), "-m", "rklu_fast.cli",
+           *unlearn_args(run_dir, **run_settings(RT, run_dir))]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpts = run_dir / "unlearned" / "checkpoints"
+    assert [p.name for p in checkpoint.epoch_checkpoints(ckpts)] == ["epoch-1", "epoch-2"]
+    assert all(checkpoint.is_sharded(p) and checkpoint.verify(p) is None for p in checkpoint.epoch_checkpoints(ckpts))
+    one, two = losses(reference() / "rt"), losses(run_dir)
+    assert [s for s, *_ in two] == list(range(1, STEPS + 1))
+    for (step, f1, r1), (_, f2, r2) in zip(one, two):
+        assert abs(f2 - f1) <= 1e-5 * abs(f1) and abs(r2 - r1) <= 1e-5 * abs(r1), (step, f1, f2, r1, r2)
