@@ -203,9 +203,10 @@ def test_resume_point_skips_a_damaged_sharded_checkpoint(fsdp, tmp_path):
 
 
 def test_fsdp2_needs_several_processes_and_accelerate_sharding_is_refused(tmp_path, capsys, monkeypatch):
-    """Before any compute: fsdp2 in one process, fsdp2 with per-epoch evaluation (main process only), and a launch
-    whose accelerate config would have accelerate shard the model itself (what `accelerate launch` tells the
-    processes in ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED)."""
+    """Before any compute: fsdp2 in one process, fsdp2 with per-epoch evaluation (main process only) or an
+    optimizer for whole tensors, a batch that does not split over the launched processes, and a launch whose
+    accelerate config would have accelerate shard the model itself (what `accelerate launch` tells the processes
+    in ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED)."""
     from rklu_fast.cli import main
 
     assert main([*unlearn_args(tmp_path / "one", **FSDP)]) == 2
@@ -214,6 +215,10 @@ def test_fsdp2_needs_several_processes_and_accelerate_sharding_is_refused(tmp_pa
     assert "eval.every_epoch: per-epoch evaluation runs on the main process alone" in capsys.readouterr().err
     assert main([*unlearn_args(tmp_path / "opt", **FSDP, **{"unlearn.optimizer": "adamw_8bit"})]) == 2
     assert "unlearn.optimizer: adamw_8bit is not supported under distributed.engine=fsdp2" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as launched: batch 4 does not split into 2 ranks x micro-batch 4
+    assert main([*unlearn_args(tmp_path / "split", **{"unlearn.micro_batch_size": 4})]) == 2
+    assert "unlearn.batch_size: 4 must be divisible by processes x micro_batch_size = 2 x 4" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for distributed_type FSDP
     assert main([*unlearn_args(tmp_path / "acc")]) == 2
     assert "distributed_type FSDP, which rklu does not use (accelerate builds FSDP only on GPUs" in \

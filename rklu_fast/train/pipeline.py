@@ -108,7 +108,15 @@ class Run:
                               f"{min(sizes.values())}")
 
     def _check_engine(self, stages) -> None:
-        """``distributed.engine: fsdp2``: the optimizers of the stages that train now must take sharded tensors."""
+        """Each stage's batch splits over the launched processes (``WORLD_SIZE``, set by ``accelerate launch`` and
+        ``torchrun``); under ``distributed.engine: fsdp2`` the stages' optimizers must take sharded tensors."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        for stage in stages:
+            s = self.cfg[stage]
+            if s["batch_size"] % (world * s["micro_batch_size"]):
+                raise ConfigError(f"{stage}.batch_size: {s['batch_size']} must be divisible by processes x "
+                                  f"micro_batch_size = {world} x {s['micro_batch_size']}; lower "
+                                  f"{stage}.micro_batch_size or change the number of processes")
         if self.cfg["distributed"]["engine"] != "fsdp2":
             return
         for stage in stages:
