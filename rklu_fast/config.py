@@ -98,6 +98,11 @@ DEFAULTS: dict = {
     # target_modules: all-linear or a list of module names (q_proj, v_proj, ...); merge: also write <role>/merged/.
     "lora": {"enabled": False, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "merge": False},
     "log": {"every": 1, "tensorboard": True},
+    # How several processes (`accelerate launch`) train (docs/memory-and-scale.md): accelerate (as its launch config
+    # says: one process, DDP, DeepSpeed) | fsdp2 (rklu's FSDP2 engine: the student and the online frozen models
+    # sharded per decoder layer; with configs/accelerate/fsdp.yaml).  reshard_after_forward: fsdp2 frees each
+    # layer's gathered weights after its forward (false: keeps them until backward, less communication).
+    "distributed": {"engine": "accelerate", "reshard_after_forward": True},
     # keep_last: intact epoch checkpoints kept per stage (the final model is always kept); with 2, a damaged latest
     # one still leaves one to resume from.  1 halves the disk a 7B run needs (≈ 40 GB per full checkpoint).
     # every_epoch: false writes no epoch checkpoints (a killed stage then restarts; benchmarks/whole_run.py).
@@ -134,6 +139,7 @@ _CHOICES = {
     ("teacher", "mode"): ("auto", "online", "cached"),
     ("teacher", "dtype"): ("auto", "float32"),
     ("teacher", "store"): ("combined", "pair"),
+    ("distributed", "engine"): ("accelerate", "fsdp2"),
     **{(stage, "optimizer"): ("adamw", "adamw_bf16", "adamw_8bit") for stage in ("finetune", "augment", "unlearn")},
     **{(stage, "bf16_update"): ("kahan", "stochastic") for stage in ("finetune", "augment", "unlearn")},
 }
@@ -282,6 +288,13 @@ def _check_values(c: dict) -> None:
             raise ConfigError(f"eval.every_epoch: TOFU metrics need data.kind tofu and data.forget one of "
                               f"{list(FORGET_SPLITS)}, got kind {c['data']['kind']!r}, forget "
                               f"{c['data']['forget']!r}")
+    if c["distributed"]["engine"] == "fsdp2":
+        if c["precision"] == "fp16":
+            raise ConfigError("precision: fp16 needs a loss scaler that distributed.engine=fsdp2 does not drive; use "
+                              "bf16 (or no)")
+        if ev["every_epoch"]:
+            raise ConfigError("eval.every_epoch: per-epoch evaluation runs on the main process alone and cannot run "
+                              "a model sharded by distributed.engine=fsdp2; evaluate the saved model instead")
     lora = c["lora"]
     if lora["enabled"] and c["teacher"]["dtype"] == "float32":
         raise ConfigError("teacher.dtype: float32 heads are not available with LoRA (the frozen views share the "

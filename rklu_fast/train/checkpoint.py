@@ -7,6 +7,11 @@ at disk speed; a cryptographic hash would add nothing against torn writes and bi
 temporary sibling, fsynced, then renamed: a killed run or a failed write leaves either the whole checkpoint or
 none, never half of one, and the previous checkpoints untouched.
 
+A sharded checkpoint (``distributed.engine: fsdp2``, written by ``distributed.save_checkpoint``) has the same
+atomic directory and manifest, with the model's and optimizer's shards under ``dcp/`` (``torch.distributed.
+checkpoint``) in place of the ``save_pretrained`` weights and the optimizer in ``training_state.pt``
+(``is_sharded``).
+
 On ``--resume``, ``resume_point`` verifies the latest checkpoint against its manifest; a damaged or incomplete one
 is reported by file name and the previous intact one is used; none left is an error saying what to do.
 """
@@ -27,6 +32,7 @@ from rklu_fast.train import faults
 
 STATE_FILE = "training_state.pt"
 MANIFEST = "manifest.json"
+SHARDED_DIR = "dcp"  # a sharded checkpoint's model and optimizer (torch.distributed.checkpoint; distributed.py)
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 _LEFTOVER = re.compile(r"^\.epoch-\d+\.(tmp|old)-(\d+)$")  # what a killed atomic write leaves beside the checkpoints
 _CHUNK = 8 << 20  # bytes read per checksum update
@@ -79,26 +85,28 @@ def atomic_directory(path: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(path: str | Path, model, tokenizer=None) -> None:
+def save_model(path: str | Path, model, tokenizer=None, state_dict: dict | None = None) -> None:
     """The model (and tokenizer) in ``save_pretrained`` form with a manifest, written atomically; a failed write
-    raises ``CheckpointWriteError`` and leaves ``path`` as it was."""
+    raises ``CheckpointWriteError`` and leaves ``path`` as it was.  ``state_dict``: the weights to write instead
+    of the model's own (a sharded model's gathered full state dict)."""
     try:
         with atomic_directory(path) as tmp:
-            _save_pretrained(tmp, model, tokenizer)
+            _save_pretrained(tmp, model, tokenizer, state_dict)
             write_manifest(tmp)
     except Exception as e:  # disk full surfaces as OSError, torch's RuntimeError or a SafetensorError
         raise CheckpointWriteError(f"model {path}: writing failed ({type(e).__name__}: {e}); nothing of it was "
                                    "kept, and the stage's epoch checkpoints are untouched") from e
 
 
-def _save_pretrained(directory: Path, model, tokenizer) -> None:
+def _save_pretrained(directory: Path, model, tokenizer, state_dict: dict | None = None) -> None:
     peft = sys.modules.get("peft")  # a PeftModel exists only once peft is imported
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
     if peft is not None and isinstance(model, peft.PeftModel):  # LoRA: the trained adapter, not the frozen base
         from rklu_fast.train.lora import write_adapter
 
-        write_adapter(directory, model)
+        write_adapter(directory, model, **kwargs)
     else:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **kwargs)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -139,11 +147,17 @@ def save_checkpoint(path: str | Path, model, tokenizer, *, step: int, optimizer,
             "no earlier checkpoint of this stage exists"
         raise CheckpointWriteError(f"checkpoint {path}: writing failed ({type(e).__name__}: {e}); nothing of it "
                                    f"was kept and {kept}") from e
-    _remove_superseded(path)
+    remove_superseded(path)
 
 
 def load_training_state(path: str | Path) -> dict:
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` holds sharded state (written by ``distributed.save_checkpoint``; the
+    model's weights are restored into the sharded model, not loaded with ``from_pretrained``)."""
+    return (Path(path) / SHARDED_DIR).is_dir()
 
 
 # ---------------------------------------------------------------------------------------------- manifests
@@ -190,6 +204,8 @@ def verify(directory: str | Path, required: tuple[str, ...] = (STATE_FILE,), che
     manifest, problem = _read_manifest(directory)
     if problem:
         return problem
+    if is_sharded(directory):
+        required = (*required, f"{SHARDED_DIR}/.metadata")
     for name in required:
         if not (directory / name).is_file():
             return f"{name} is missing (the optimizer, scheduler and step cannot be restored)" \
@@ -254,7 +270,7 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
             shutil.rmtree(path)
 
 
-def _remove_superseded(written: Path) -> None:
+def remove_superseded(written: Path) -> None:
     """After ``written`` (epoch-K) is in place: checkpoints of later epochs are from before a resume that fell back
     past them (damaged, or about to be rewritten identically), and temporary directories of other processes are
     what killed writes left."""

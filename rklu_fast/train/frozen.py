@@ -37,6 +37,13 @@ class Frozen:
         if original is not None:
             original.eval().requires_grad_(False)
 
+    def models(self) -> list[torch.nn.Module]:
+        """The frozen models training runs forwards through (the KL term's original, an online teacher's two;
+        a cached teacher holds none), each once."""
+        found = [self.original, getattr(self._teacher, "original", None), getattr(self._teacher, "augmented", None)]
+        unique = {id(m): m for m in found if isinstance(m, torch.nn.Module)}
+        return list(unique.values())
+
     def teacher(self, batch: dict) -> TeacherRows:
         if self._teacher is None:
             raise ValueError("teacher: this stage built no unlearning teacher (the method does not declare it)")

@@ -7,9 +7,10 @@ they read teacher logits, reference log-likelihoods or the original's logits fro
 One optimizer step consumes ``batch_size`` forget examples (and as many retain examples), split into micro-batches
 of ``micro_batch_size``.  A method may train each example on other sequences than the example itself (its
 ``views``: IDK a refusal, IdkDPO a refusal and the gold answer).  Every loss term is normalised by the whole
-step's counts (``StepCounts``), so accumulation reproduces the big batch exactly.  Under DDP every rank draws
-the same global step batch (a function of seed and step), keeps its fixed slice, normalises by the whole step's
-counts, and gradients are synchronised once per step (``no_sync`` on every backward but the last).
+step's counts (``StepCounts``), so accumulation reproduces the big batch exactly.  Under DDP or FSDP2
+(``distributed.py``) every rank draws the same global step batch (a function of seed and step), keeps its fixed
+slice, normalises by the whole step's counts, and gradients are synchronised once per step (``no_sync`` on every
+backward but the last).  A sharded (FSDP2) model writes sharded checkpoints, every rank its part.
 
 The hot path has one host sync per optimizer step: the step's losses and gradient norm are read together, to
 stop the stage on a non-finite value before the optimizer applies it (``NonFiniteError``); statistics that need
@@ -28,7 +29,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from rklu_fast.data.collate import collate, count_targets, to_device
 from rklu_fast.progress import progress
-from rklu_fast.train import checkpoint
+from rklu_fast.train import checkpoint, distributed
 from rklu_fast.train.lowmem import build_optimizer, parameter_groups, set_gradient_checkpointing
 from rklu_fast.train.methods.base import StepCounts
 from rklu_fast.train.sampling import loss_scale, rank_slice
@@ -228,13 +229,19 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
     # once per process under DDP).
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
     start = 0
-    if resume_from is not None:
+    sharded_resume = resume_from is not None and checkpoint.is_sharded(resume_from)
+    if resume_from is not None and not sharded_resume:
         state = checkpoint.load_training_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         start = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded_resume:  # FSDP2: weights, optimizer, scheduler and RNG restored into the shards
+        start = distributed.load_checkpoint(resume_from, model, optimizer, scheduler, accelerator)
+    if on_epoch is not None and distributed.is_sharded(model):
+        raise ValueError("on_epoch: the epoch hook runs on the main process alone, which cannot run a sharded model "
+                         "(distributed.engine=fsdp2); evaluate the saved model instead")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     max_norm = stage["max_grad_norm"] if stage["max_grad_norm"] is not None else math.inf
@@ -287,11 +294,15 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
         bar.update(1)
 
         epoch = done * batch // len(forget_examples)  # completed epochs (integer arithmetic: exact boundaries)
-        if save_checkpoints and done < total and epoch > step * batch // len(forget_examples) \
-                and accelerator.is_main_process:
-            checkpoint.save_checkpoint(ckpt_dir / f"epoch-{epoch}", accelerator.unwrap_model(model), tokenizer,
-                                       step=done, optimizer=optimizer, scheduler=scheduler)
-            checkpoint.prune_checkpoints(ckpt_dir, keep_last)
+        if save_checkpoints and done < total and epoch > step * batch // len(forget_examples):
+            if distributed.is_sharded(model):  # every rank writes its shards
+                distributed.save_checkpoint(ckpt_dir / f"epoch-{epoch}", model, tokenizer, step=done,
+                                            optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
+            elif accelerator.is_main_process:
+                checkpoint.save_checkpoint(ckpt_dir / f"epoch-{epoch}", accelerator.unwrap_model(model), tokenizer,
+                                           step=done, optimizer=optimizer, scheduler=scheduler)
+            if accelerator.is_main_process:
+                checkpoint.prune_checkpoints(ckpt_dir, keep_last)
         accelerator.wait_for_everyone()
         if epoch > step * batch // len(forget_examples) or done == total:
             epoch_boundary(done)

@@ -132,11 +132,13 @@ def save_adapter(directory: str | Path, model, name: str | None = None) -> None:
         write_manifest(tmp)
 
 
-def write_adapter(directory: str | Path, model, name: str | None = None) -> None:
+def write_adapter(directory: str | Path, model, name: str | None = None, state_dict: dict | None = None) -> None:
     """``save_adapter``'s files written straight into ``directory`` (which a checkpoint writer makes atomic), at
-    its top: peft puts adapters not named "default" in a sub-folder; moved up here."""
+    its top: peft puts adapters not named "default" in a sub-folder; moved up here.  ``state_dict``: the weights
+    to take the adapter from instead of the model's own (a sharded model's gathered state dict)."""
     directory, name = Path(directory), name or model.active_adapter
-    model.save_pretrained(directory, selected_adapters=[name])
+    model.save_pretrained(directory, selected_adapters=[name], **({} if state_dict is None else
+                                                                  {"state_dict": state_dict}))
     if name != "default":
         for f in (directory / name).iterdir():
             f.replace(directory / f.name)

@@ -16,6 +16,7 @@ checkpoints but no model was interrupted and continues from its last checkpoint 
 from __future__ import annotations
 
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -30,7 +31,7 @@ from rklu_fast.data.tofu import load_tofu
 from rklu_fast.model_refs import from_pretrained, missing_local
 from rklu_fast.data.refusals import load_refusals
 from rklu_fast.teacher_model import is_teacher_dir, load_causal_lm
-from rklu_fast.train import checkpoint, lora, loop
+from rklu_fast.train import checkpoint, distributed, lora, loop
 from rklu_fast.train.frozen import Frozen, ReferenceLogProbs
 from rklu_fast.train.methods import MethodContext, make_method, make_retain_term, method_class
 from rklu_fast.train.metrics import mean_answer_probability
@@ -41,7 +42,7 @@ from rklu_fast.jsonio import write_json
 
 ROLES = ("original", "oracle", "augmented", "unlearned")
 # Keys that say how a run executes or reports, not what it computes: a run dir may continue with other values.
-RUNTIME_KEYS = ("run_dir", "threads", "log", "checkpoint", "experiment")
+RUNTIME_KEYS = ("run_dir", "threads", "log", "checkpoint", "experiment", "distributed")
 # The roles a config section affects (others affect every role): a section may change while none of its roles
 # has written anything yet (e.g. a run dir of shared models, unlearned later with several settings).
 STAGE_ROLES = {"finetune": ("original", "oracle"), "augment": ("augmented",),
@@ -66,6 +67,9 @@ class Run:
     # ------------------------------------------------------------------ checks before any compute
     def preflight(self, stages: tuple[str, ...]) -> None:
         """Config against the run dir, data, model references, vocabularies: errors before any training."""
+        self._check_engine(stages)
+        if self.cfg["distributed"]["engine"] == "fsdp2" or _accelerate_sharding() is not None:
+            _ = self.accelerator  # the engine's checks (launch config, number of processes)
         self._check_lora(stages)
         saved = self.dir / "config.yaml"
         if saved.is_file():
@@ -83,7 +87,9 @@ class Run:
                 raise ConfigError(f"run_dir: the {role!r} stage in {self.dir} was interrupted at {ckpts[-1].name}; "
                                   "continue it with --resume (or use a new run_dir)")
             if self.resume and not (self.dir / role / "model").is_dir():
-                self._resume_point(role)  # verified before any compute: damage is reported or refused now
+                # verified before any compute: damage is reported or refused now
+                if (ckpt := self._resume_point(role)) is not None:
+                    self._check_checkpoint_engine(role, ckpt)
         c = self.cfg
         given = {"finetune.original": c["finetune"]["original"], "finetune.oracle": c["finetune"]["oracle"],
                  "augment.model": c["augment"]["model"], "model.name_or_path": c["model"]["name_or_path"]}
@@ -107,6 +113,33 @@ class Run:
         if sizes and len(self.tokenizer) > min(sizes.values()):
             raise ConfigError(f"model.tokenizer: has {len(self.tokenizer)} tokens but the models' vocab size is "
                               f"{min(sizes.values())}")
+
+    def _check_engine(self, stages) -> None:
+        """Each stage's batch splits over the launched processes (``WORLD_SIZE``, set by ``accelerate launch`` and
+        ``torchrun``); under ``distributed.engine: fsdp2`` the stages' optimizers must take sharded tensors."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        for stage in stages:
+            s = self.cfg[stage]
+            if s["batch_size"] % (world * s["micro_batch_size"]):
+                raise ConfigError(f"{stage}.batch_size: {s['batch_size']} must be divisible by processes x "
+                                  f"micro_batch_size = {world} x {s['micro_batch_size']}; lower "
+                                  f"{stage}.micro_batch_size or change the number of processes")
+        if self.cfg["distributed"]["engine"] != "fsdp2":
+            return
+        for stage in stages:
+            if self.cfg[stage]["optimizer"] != "adamw":  # BF16AdamW's arithmetic is written for whole tensors
+                raise ConfigError(f"{stage}.optimizer: {self.cfg[stage]['optimizer']} is not supported under "
+                                  "distributed.engine=fsdp2; use adamw with model.dtype=float32 (sharded over N "
+                                  "processes, fp32 weights and AdamW states cost 16/N bytes per parameter)")
+
+    def _check_checkpoint_engine(self, role: str, ckpt: Path) -> None:
+        """A sharded checkpoint resumes only under fsdp2, and fsdp2 resumes only a sharded one."""
+        sharded, fsdp2 = checkpoint.is_sharded(ckpt), self.cfg["distributed"]["engine"] == "fsdp2"
+        if sharded != fsdp2:
+            written = "distributed.engine=fsdp2" if sharded else "one process or DDP (distributed.engine=accelerate)"
+            raise ConfigError(f"distributed.engine: the {role!r} checkpoint {ckpt} was written by {written}; resume "
+                              "it with the engine that wrote it (its optimizer state is "
+                              f"{'sharded' if sharded else 'whole'})")
 
     def _resume_point(self, role: str):
         """The intact checkpoint ``role`` resumes from (damaged newer ones reported), verified once per run."""
@@ -204,14 +237,14 @@ class Run:
 
     def save_run_info(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+        _replace(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
         versions = {"python": platform.python_version()}
         for pkg in ("rklu_fast", "torch", "transformers", "accelerate", "tokenizers", "datasets", "triton"):
             try:
                 versions[pkg] = metadata.version(pkg)
             except metadata.PackageNotFoundError:
                 versions[pkg] = None
-        (self.dir / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
+        _replace(self.dir / "versions.json", json.dumps(versions, indent=2) + "\n")
 
     # ------------------------------------------------------------------ data, tokenizer, models
     def _records(self):
@@ -258,10 +291,24 @@ class Run:
 
     @property
     def accelerator(self):
+        """accelerate's ``Accelerator``, or with ``distributed.engine: fsdp2`` rklu's FSDP2 one (distributed.py)."""
         if self._accelerator is None:
             from accelerate import Accelerator
 
-            self._accelerator = Accelerator(mixed_precision=self.cfg["precision"], cpu=self.cfg["cpu"])
+            if (kind := _accelerate_sharding()) is not None:
+                raise ConfigError(f"distributed.engine: this process was launched with an accelerate config of "
+                                  f"distributed_type {kind}, which rklu does not use ({_NOT_DRIVEN[kind]}; "
+                                  "docs/memory-and-scale.md); launch with configs/accelerate/fsdp.yaml and set "
+                                  "distributed.engine=fsdp2, or with configs/accelerate/ddp.yaml")
+            d, kwargs = self.cfg["distributed"], {"mixed_precision": self.cfg["precision"], "cpu": self.cfg["cpu"]}
+            if d["engine"] == "fsdp2":
+                try:
+                    self._accelerator = distributed.FSDP2Accelerator(
+                        reshard_after_forward=d["reshard_after_forward"], **kwargs)
+                except ValueError as e:  # one process
+                    raise ConfigError(str(e)) from None
+            else:
+                self._accelerator = Accelerator(**kwargs)
         return self._accelerator
 
     def model_path(self, role: str) -> str:
@@ -303,9 +350,10 @@ class Run:
         resume_from = self._resume_point(role) if self.resume else None
         if resume_from is not None:
             print(f"[rklu] {role}: resuming from {resume_from}")
-        # init: a model reference, or (LoRA) a function of the checkpoint to resume that builds the model
-        model = init(resume_from) if callable(init) else self.load_model(resume_from if resume_from is not None
-                                                                          else init)
+        # init: a model reference, or (LoRA) a function of the checkpoint to resume that builds the model; a
+        # sharded checkpoint's weights are restored into the sharded model (loop.train), which starts from init
+        weights = None if resume_from is None or checkpoint.is_sharded(resume_from) else resume_from
+        model = init(weights) if callable(init) else self.load_model(weights if weights is not None else init)
         if callable(kwargs.get("frozen")):  # LoRA: the frozen views are adapter settings of the student's model
             kwargs["frozen"] = kwargs["frozen"](model)
         if "fused_linear" in kwargs:  # decided on the model itself: supported architecture, one process, CUDA
@@ -324,11 +372,13 @@ class Run:
             self.stopped = True
             print(f"[rklu] {role}: stopped after {self.stop_after_steps} steps; continue with --resume")
             return False
+        full = distributed.export_state_dict(model)  # fsdp2: the shards gathered on the main process
         if self.accelerator.is_main_process:  # one writer in multi-process runs (issue 7)
-            checkpoint.save_model(out / "model", self.accelerator.unwrap_model(model), self.tokenizer)
+            checkpoint.save_model(out / "model", self.accelerator.unwrap_model(model), self.tokenizer, full)
             if self._uses_lora(role) and self.cfg["lora"]["merge"]:  # a plain model for tools without peft
-                checkpoint.save_model(out / "merged", lora.merged_model(self.accelerator.unwrap_model(model)),
-                                      self.tokenizer)
+                merged = lora.merged_model(self.accelerator.unwrap_model(model)) if full is None else \
+                    self._load_merged(str(out / "model"))  # a sharded model cannot merge in place
+                checkpoint.save_model(out / "merged", merged, self.tokenizer)
         self.accelerator.wait_for_everyone()
         self.accelerator.free_memory()  # drop accelerate's references to this stage's model and optimizer
         print(f"[rklu] {role}: saved {out / 'model'}")
@@ -435,6 +485,8 @@ class Run:
                 augmented = self.load_model(self.model_path("augmented"), self._frozen_dtype()).to(device)
             # built before the student: a cached teacher frees both models first (peak memory)
             frozen = self._frozen(method, forget, original, augmented, keep_original)
+            for model in frozen.models():  # fsdp2: the frozen models training still runs are sharded too
+                distributed.shard_frozen(model, self.accelerator)
             del original, augmented
             init = self.model_path("original")
         finish = on_epoch is None and self.cfg["eval"]["every_epoch"]
@@ -456,12 +508,20 @@ class Run:
             if self.cfg["teacher"]["dtype"] == "float32":  # heads in fp32: the cache is then fp32 too
                 fp32_head(original)
                 fp32_head(augmented)
-            teacher = make_teacher(self.cfg["teacher"]["mode"], original, augmented, forget, template=self.template,
-                                   pad_token_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
-                                   cache_dir=self.cfg["teacher"]["cache_dir"],
-                                   micro_batch_size=self.cfg["unlearn"]["micro_batch_size"],
-                                   autocast=self.accelerator.autocast, form=self.cfg["unlearn"]["teacher_form"],
-                                   store=self.cfg["teacher"]["store"], alpha=self.cfg["unlearn"]["alpha"])
+            acc, cache_dir = self.accelerator, self.cfg["teacher"]["cache_dir"]
+
+            def build():
+                return make_teacher(self.cfg["teacher"]["mode"], original, augmented, forget, template=self.template,
+                                    pad_token_id=self.tokenizer.pad_token_id, device=acc.device, cache_dir=cache_dir,
+                                    micro_batch_size=self.cfg["unlearn"]["micro_batch_size"],
+                                    autocast=acc.autocast, form=self.cfg["unlearn"]["teacher_form"],
+                                    store=self.cfg["teacher"]["store"], alpha=self.cfg["unlearn"]["alpha"])
+            if cache_dir is not None and acc.num_processes > 1:  # one writer: the others memory-map its directory
+                teacher = build() if acc.is_main_process else None
+                acc.wait_for_everyone()
+                teacher = teacher or build()
+            else:
+                teacher = build()
         if "reference" in method.needs:
             u = self.cfg["unlearn"]
             sequences = {}
@@ -529,6 +589,30 @@ class Run:
         for label, role in (("before", "original"), ("after", "unlearned")):
             print(f"{label:>6} unlearning ({role:>9})  " + "  ".join(f"{result[label][k]:8.4f}" for k in sets))
         return result
+
+
+# `accelerate launch` configs whose distributed_type would have accelerate shard the model, and why rklu does not
+_NOT_DRIVEN = {"FSDP": "accelerate builds FSDP only on GPUs, so CI could not test it; rklu's fsdp2 engine runs the "
+                       "same FSDP2 on GPUs and CPUs",
+               "DEEPSPEED": "its ZeRO-2 reduces gradients at every micro-batch, steps the optimizer inside backward "
+                            "and partitions the optimizer state, none of which rklu's loop and checkpoints handle"}
+
+
+def _accelerate_sharding() -> str | None:
+    """``FSDP`` or ``DEEPSPEED`` when ``accelerate launch`` was given a config of that distributed_type (it says so
+    to the processes in ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``), else ``None``."""
+    for kind in _NOT_DRIVEN:
+        if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true":
+            return kind
+    return None
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it): every process of a multi-process run
+    writes the run info while the others' pre-flight may be reading it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _with_defaults(config, defaults):
