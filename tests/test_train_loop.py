@@ -12,7 +12,11 @@ from rklu_fast.train.methods import make_method, make_retain_term
 from rklu_fast.train.teacher import OnlineTeacher
 from tiny_pipeline import tofu_dir, tokenizer_dir
 
-ACC = Accelerator(cpu=True, mixed_precision="no")
+
+
+def acc():
+    """A CPU accelerator for this test (accelerate's process-wide state is reset between tests)."""
+    return Accelerator(cpu=True, mixed_precision="no")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,7 @@ def test_accumulating_4_micro_batches_equals_one_big_batch(data, method, retain_
     grads = []
     for micro in (2, 8):
         model = tiny_llama(vocab, 0)
-        loop.accumulate_gradients(model, m, [{"forget": e} for e in forget[:8]], micro, tok.pad_token_id, ACC,
+        loop.accumulate_gradients(model, m, [{"forget": e} for e in forget[:8]], micro, tok.pad_token_id, acc(),
                                   frozen=Frozen(teacher=teacher, original=teacher.original),
                                   retain_examples=retain[:8], retain_term=rt, retain_weight=0.5)
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -103,7 +107,7 @@ def test_train_with_accumulation_matches_big_batch_weights(data, tmp_path):
     for micro in (2, 8):
         model = tiny_llama(len(tok), 0)
         assert loop.train(model, tok, make_method("nll"), forget[:8] * 2, dict(stage, micro_batch_size=micro),
-                          tmp_path / f"m{micro}", ACC, tensorboard=False)
+                          tmp_path / f"m{micro}", acc(), tensorboard=False)
         finals.append(model.state_dict())
     for k in finals[0]:
         torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-4, atol=1e-5)
