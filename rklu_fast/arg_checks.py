@@ -72,3 +72,13 @@ def check_options(*, alpha, temperature, reduction, teacher_rows, num_items_in_b
         check_positive_count(num_items_in_batch, sync_ok)
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def valid_rows(labels, mask, ignore_index: int, row_shape, device, of: str) -> torch.Tensor:
+    """Flat bool ``[N]``: which rows count (``labels != ignore_index`` and ``mask``; all rows when both are None)."""
+    valid = torch.ones(math.prod(row_shape), dtype=torch.bool, device=device)
+    if labels is not None:
+        valid = row_mask("labels", labels, row_shape, device, integer=True, of=of) != ignore_index
+    if mask is not None:
+        valid = valid & row_mask("mask", mask, row_shape, device, integer=False, of=of)
+    return valid

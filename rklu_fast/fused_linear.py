@@ -21,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from rklu_fast.backends import resolve
-from rklu_fast.arg_checks import FLOAT_DTYPES, check_device, check_options, row_mask
+from rklu_fast.arg_checks import FLOAT_DTYPES, check_device, check_options, valid_rows
 from rklu_fast.loss import _own_version
 
 __all__ = ["fused_linear_reverse_kl_loss", "fused_linear_forward_kl_loss", "chunk_rows", "supports_fused_linear",
@@ -333,11 +333,7 @@ def _fused_kl_loss(hidden, weight, original_logits, augmented_logits, alpha, *, 
     # float64 anywhere is computed in float64 (by the torch backend): the loss and its scale are float64 then
     loss_dtype = torch.float64 if torch.float64 in dtypes.values() else torch.float32
 
-    valid = torch.ones(n, dtype=torch.bool, device=device)
-    if labels is not None:
-        valid = row_mask("labels", labels, row_shape, device, integer=True, of="hidden") != ignore_index
-    if mask is not None:
-        valid = valid & row_mask("mask", mask, row_shape, device, integer=False, of="hidden")
+    valid = valid_rows(labels, mask, ignore_index, row_shape, device, of="hidden")
     if reduction == "mean" and num_items_in_batch is None:
         row_scale = 1.0 / valid.sum().to(loss_dtype).clamp(min=1.0)  # no valid row: 0/1, not 0/0
     elif reduction == "mean":

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from rklu_fast.arg_checks import FLOAT_DTYPES, check_device, check_options, row_mask
+from rklu_fast.arg_checks import FLOAT_DTYPES, check_device, check_options, valid_rows
 from rklu_fast.backends import implementation, resolve
 from rklu_fast.reference import teacher_logits
 
@@ -239,12 +239,7 @@ def _kl_loss(student_logits, original_logits, augmented_logits, alpha, *, labels
     # float64 anywhere is computed in float64 (by the torch backend): the loss and its scale are float64 then
     loss_dtype = torch.float64 if torch.float64 in dtypes.values() else torch.float32
 
-    # Which rows count: labels != ignore_index and mask, as a flat bool [N] on the device.
-    valid = torch.ones(n, dtype=torch.bool, device=device)
-    if labels is not None:
-        valid = row_mask("labels", labels, row_shape, device, integer=True, of="student_logits") != ignore_index
-    if mask is not None:
-        valid = valid & row_mask("mask", mask, row_shape, device, integer=False, of="student_logits")
+    valid = valid_rows(labels, mask, ignore_index, row_shape, device, of="student_logits")
     if teacher_rows == "all":
         teacher_row = torch.where(valid, torch.arange(n, device=device), -1)
     else:

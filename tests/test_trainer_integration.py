@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from rklu_fast.data.collate import count_targets
-from tiny_pipeline import needs_tofu, tofu_dir, tokenizer_dir
+from tiny_pipeline import needs_tofu, one_thread, tofu_dir, tokenizer_dir  # noqa: F401 (autouse fixture)
 from rklu_fast.integrations.transformers import ForgetRetainDataset, UnlearningTrainer, step_loader
 from rklu_fast.train.loop import ExampleStream
 from rklu_fast.train.teacher_cache import (CacheKey, StaleTeacherCache, build_forget_cache, data_fingerprint,
@@ -22,14 +22,6 @@ VOCAB, N_FORGET, N_RETAIN, SEED = 64, 8, 10, 3
 # 3 optimizer steps of 4 examples (micro-batches of 2, accumulation 2): 1.5 epochs of 8 forget examples, the
 # second epoch a fresh shuffle; warm-up over the first epoch (2 steps), then linear decay.
 MICRO, ACCUM, EPOCHS, LR, WD, MAX_NORM = 2, 2, 1.5, 1e-3, 0.01, 1.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
