@@ -10,7 +10,7 @@ from pathlib import Path
 from rklu_fast.experiments.selection import FQ_THRESHOLD, best_grid_point
 from rklu_fast.jsonio import finite, write_json
 
-_LOG_DECADES_ABOVE = 2.0  # width of the linear part [0.05, 1] on the axis, in decades of the log part
+_LINEAR_SHARE = 0.3  # the linear part [0.05, 1] takes this share of the forget-quality axis
 
 
 def groups(jobs: list[dict]) -> dict[str, list[dict]]:
@@ -133,22 +133,29 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fq_axis(ax) -> None:
-    """Logarithmic below 0.05, linear above (the paper's Figure 3)."""
+def _fq_axis(ax, low: float) -> None:
+    """Logarithmic from ``low`` to 0.05, linear from 0.05 to 1 (the paper's Figure 3), the linear part taking
+    ``_LINEAR_SHARE`` of the axis whatever the smallest forget quality shown; decade ticks on the log part."""
     import numpy as np
 
-    lo = math.log10(FQ_THRESHOLD)
+    lo, lo_min = math.log10(FQ_THRESHOLD), math.log10(low)
+    width = (lo - lo_min) * _LINEAR_SHARE / (1 - _LINEAR_SHARE)  # the linear part, in log-part units
 
     def forward(x):
         x = np.clip(np.asarray(x, dtype=float), 1e-300, None)
-        return np.where(x < FQ_THRESHOLD, np.log10(x), lo + _LOG_DECADES_ABOVE * (x - FQ_THRESHOLD)
-                        / (1 - FQ_THRESHOLD))
+        return np.where(x < FQ_THRESHOLD, np.log10(x), lo + width * (x - FQ_THRESHOLD) / (1 - FQ_THRESHOLD))
 
     def inverse(y):
         y = np.asarray(y, dtype=float)
-        return np.where(y < lo, 10.0 ** y, FQ_THRESHOLD + (y - lo) * (1 - FQ_THRESHOLD) / _LOG_DECADES_ABOVE)
+        return np.where(y < lo, 10.0 ** y, FQ_THRESHOLD + (y - lo) * (1 - FQ_THRESHOLD) / width)
 
     ax.set_xscale("function", functions=(forward, inverse))
+    ax.set_xlim(low, 1.0)
+    step = max(1, math.ceil((lo - lo_min) / 6))  # about six decade ticks
+    top = math.floor(lo) - 1  # no decade tick next to the 0.05 one
+    decades = [10.0 ** e for e in range(math.ceil(lo_min), top + 1) if (top - e) % step == 0]
+    ticks = decades + [FQ_THRESHOLD, 0.25, 0.5, 0.75, 1.0]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
     ax.axvline(FQ_THRESHOLD, color="grey", lw=0.8, ls="--")
 
 
@@ -176,11 +183,7 @@ def plot(data: dict, path: Path, plans: tuple[str, ...] | None = ("methods", "co
         r = ref[role]
         ax.scatter(r["forget_quality"], r["utility"], marker=marker, s=140, color="black", zorder=3)
         ax.annotate(role, (r["forget_quality"], r["utility"]), fontsize=8, xytext=(4, -10), textcoords="offset points")
-    _fq_axis(ax)
-    low = min(max(min(fqs), 1e-300), 1e-3)
-    ax.set_xlim(low / 10, 1.0)
-    ticks = [t for t in (1e-30, 1e-20, 1e-10, 1e-5, 1e-3, 1e-2, 0.05, 0.25, 0.5, 1.0) if t >= low / 10]
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+    _fq_axis(ax, 10.0 ** math.floor(math.log10(min(max(min(fqs), 1e-300), 1e-3))))
     ax.set_xlabel("forget quality (KS p-value vs the oracle; log below 0.05, linear above)")
     ax.set_ylabel("utility (retain prob, ROUGE-L, truth ratio: harmonic mean)")
     ax.set_title(f"mini-TOFU, {data.get('forget_split', 'forget10')}: {title}", fontsize=10)
