@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -383,14 +382,7 @@ def run_shapes(methods, shapes, ctx: dict, deadline: float, emit, ref_methods=No
 # ------------------------------------------------------------------------------------------- CPU workers
 def worker_main(job_path: str) -> None:
     """A fresh process for one method over every shape: its memory high-water mark starts clean."""
-    job = json.loads(Path(job_path).read_text())
-    torch.set_num_threads(job["ctx"]["threads"])
-    B.allow_recompiles()
-    ctx = dict(job["ctx"], probe=B.RssProbe())
-    with open(job["out"], "a") as out:
-        def emit(row):
-            out.write(json.dumps(row) + "\n")
-            out.flush()
+    with B.worker_job(job_path) as (job, ctx, emit):
         run_shapes(job["methods"], [Shape(**s) for s in job["shapes"]], ctx, job["deadline"], emit,
                    ref_methods=job["all_methods"])
 
@@ -426,16 +418,8 @@ def run_cpu_workers(methods, shapes, ctx, deadline, worker_timeout: float, emit)
             job = {"methods": [method], "shapes": [asdict(s) for s in shapes], "deadline": deadline,
                    "ctx": {k: v for k, v in ctx.items() if k != "probe"}, "out": f"{tmp}/rows{i}.jsonl",
                    "all_methods": methods}
-            Path(f"{tmp}/job{i}.json").write_text(json.dumps(job))
             print(f"  worker: {method}", flush=True)
-            try:
-                proc = subprocess.run([sys.executable, __file__, "--worker", f"{tmp}/job{i}.json"],
-                                      capture_output=True, text=True, timeout=worker_timeout)
-                failure = f"worker exited {proc.returncode}: {proc.stderr.strip()[-300:]}" if proc.returncode else ""
-            except subprocess.TimeoutExpired:
-                failure = f"worker killed after {worker_timeout:.0f} s"
-            out = Path(job["out"])
-            got = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+            got, failure = B.run_worker(__file__, job, Path(f"{tmp}/job{i}.json"), worker_timeout)
             done = {(r["n"], r["d"], r["v"], r["ignore_frac"]) for r in got}
             got += [blank_row(method, s, None, "error", failure or "worker wrote no row") for s in shapes
                     if (s.n, s.d, s.v, s.ignore_frac) not in done]
@@ -465,9 +449,7 @@ def _time_ratio(a: dict, b: dict) -> tuple[float, str]:
 
 
 def _target(name, measured, threshold, detail=""):
-    ok = None if measured is None else measured <= threshold
-    return {"target": name, "measured": measured, "threshold": threshold, "at_least": False, "pass": ok,
-            "detail": detail}
+    return B._target(name, measured, threshold, at_least=False, detail=detail)
 
 
 def verdicts(rows) -> list[dict]:

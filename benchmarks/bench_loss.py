@@ -11,6 +11,7 @@ benchmarks/NOTES.md. A method that cannot be built, fails or runs out of memory 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import itertools
@@ -302,19 +303,40 @@ def allow_recompiles() -> None:
 
 
 # ------------------------------------------------------------------------------------- CPU worker processes
-def worker_main(job_path: str) -> None:
-    """Runs in a fresh process: one (or, with --isolation single, every) method over the configs of a job."""
+def run_worker(script: str, job: dict, job_path: Path, timeout: float, env: dict | None = None
+               ) -> tuple[list[dict], str]:
+    """Runs ``script --worker job_path`` in a fresh process (its memory high-water starts clean): the rows it
+    wrote to ``job["out"]`` and why it failed ("" when it exited cleanly)."""
+    job_path.write_text(json.dumps(job))
+    try:
+        proc = subprocess.run([sys.executable, script, "--worker", str(job_path)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        failure = f"worker exited {proc.returncode}: {proc.stderr.strip()[-300:]}" if proc.returncode else ""
+    except subprocess.TimeoutExpired:
+        failure = f"worker killed after {timeout:.0f} s"
+    out = Path(job["out"])
+    return ([json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []), failure
+
+
+@contextlib.contextmanager
+def worker_job(job_path: str):
+    """In a worker process: its job, its context (with a fresh memory probe) and a row writer that flushes each
+    row, so a crash keeps the rows already measured."""
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(job["ctx"]["threads"])
     allow_recompiles()
-    ctx = dict(job["ctx"], probe=RssProbe())
-    configs = [Config(**c) for c in job["configs"]]
-    refs = {tuple(r["key"]): r["loss"] for r in job["refs"]}
     with open(job["out"], "a") as out:
         def emit(row):
             out.write(json.dumps(row) + "\n")
             out.flush()
-        run_configs(job["methods"], configs, refs, ctx, job["deadline"], emit)
+        yield job, dict(job["ctx"], probe=RssProbe()), emit
+
+
+def worker_main(job_path: str) -> None:
+    """Runs in a fresh process: one (or, with --isolation single, every) method over the configs of a job."""
+    with worker_job(job_path) as (job, ctx, emit):
+        refs = {tuple(r["key"]): r["loss"] for r in job["refs"]}
+        run_configs(job["methods"], [Config(**c) for c in job["configs"]], refs, ctx, job["deadline"], emit)
 
 
 def run_cpu_workers(method_names, configs, refs, ctx, deadline, isolation: str, worker_timeout: float, emit):
@@ -327,16 +349,8 @@ def run_cpu_workers(method_names, configs, refs, ctx, deadline, isolation: str, 
             job = {"methods": names, "configs": [asdict(c) for c in configs], "deadline": deadline,
                    "refs": [{"key": list(k), "loss": v} for k, v in refs.items()],
                    "ctx": {k: v for k, v in ctx.items() if k != "probe"}, "out": f"{tmp}/rows{i}.jsonl"}
-            Path(f"{tmp}/job{i}.json").write_text(json.dumps(job))
             print(f"  worker: {', '.join(names)}", flush=True)
-            try:
-                proc = subprocess.run([sys.executable, __file__, "--worker", f"{tmp}/job{i}.json"], env=env,
-                                      capture_output=True, text=True, timeout=worker_timeout)
-                failure = f"worker exited {proc.returncode}: {proc.stderr.strip()[-300:]}" if proc.returncode else ""
-            except subprocess.TimeoutExpired:
-                failure = f"worker killed after {worker_timeout:.0f} s"
-            out = Path(job["out"])
-            got = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+            got, failure = run_worker(__file__, job, Path(f"{tmp}/job{i}.json"), worker_timeout, env)
             done = {(r["method"], r["n"], r["v"], r["ignore_frac"], r["mode"]) for r in got}
             for name, cfg in itertools.product(names, configs):  # rows a crashed worker never wrote
                 method = M.BY_NAME[name]
