@@ -81,6 +81,30 @@ def test_optimizer_options_and_errors():
         assert "torchao" in str(e) and "bitsandbytes" in str(e)
 
 
+def test_8bit_optimizer_takes_parameter_groups(monkeypatch):
+    """torchao's AdamW8bit (stood in for: it is not installed here) gets the groups as they are, and stochastic
+    rounding exactly when a group holds bf16 weights."""
+    import sys
+    import types
+
+    from rklu_fast.train.lowmem import parameter_groups
+    made = []
+
+    class FakeAdamW8bit:
+        def __init__(self, params, **kw):
+            made.append((params, kw))
+    fake = types.ModuleType("torchao.optim")
+    fake.AdamW8bit = FakeAdamW8bit
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.optim", fake)
+    for dtype, stochastic in ((torch.bfloat16, True), (torch.float32, False)):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)).to(dtype)
+        groups = parameter_groups(model, 0.01)
+        build_optimizer(groups, "adamw_8bit", lr=1e-5)
+        params, kw = made[-1]
+        assert params == groups and kw["bf16_stochastic_round"] is stochastic and kw["weight_decay"] == 0.01
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)

@@ -141,3 +141,38 @@ def test_online_and_cached_sources_give_the_same_rows(form):
                                            min=0)
     torch.testing.assert_close(rklu_fast.teacher_logits(ca.original, ca.augmented, 8.0).double(), want,
                                rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["logprobs", "centered_mean"])
+def test_combined_cache_of_bf16_models_rounds_the_teacher_once(form):
+    """bf16 models: the combined cache holds the teacher formed from the models' logits and the form's shift in
+    float32, rounded once to bf16 (not the shifted augmented logits rounded first, an error α times larger)."""
+    from rklu_fast.data.collate import collate, target_mask
+    from rklu_fast.data.templates import get_template
+    from rklu_fast.train.teacher_cache import make_teacher
+    original, augmented = (m.to(torch.bfloat16) for m in _tiny_models(2))
+    with torch.no_grad():  # logits of a useful size: bf16 rounds them by up to 2**-8 of their magnitude
+        for m in (original, augmented):
+            m.lm_head.weight.mul_(40)
+    gen = torch.Generator().manual_seed(3)
+    examples = []
+    for i in range(4):
+        ids = torch.randint(1, 60, (7 + i,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:], "attention_mask": [1] * len(ids),
+                         "index": i})
+    cached = make_teacher("cached", original, augmented, examples, template=get_template("llama2"),
+                          pad_token_id=0, device="cpu", micro_batch_size=1, form=form, store="combined", alpha=8.0)
+    got, want = [], []
+    for e in examples:  # one example per forward, as the cache was built: the very same bf16 logits
+        batch = collate([e], 0)
+        mask = target_mask(batch["labels"])
+        with torch.no_grad():
+            lo, la = (m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+                      .double() for m in (original, augmented))
+        want.append(lo - 8.0 * torch.clamp(la - _shift64(lo, la, form) - lo, min=0))
+        got.append(cached.rows(batch).original.double())
+    got, want = torch.cat(got), torch.cat(want)
+    assert got.dtype == torch.float64 and cached.cache.key.dtype == "bfloat16"
+    # one rounding to bf16: within half an ulp (2**-8 relative: 8 significant bits; float32 adds far less)
+    worst = float(((got - want).abs() / want.abs().clamp(min=1e-30)).max())
+    assert worst <= 2 ** -8 * 1.001, worst

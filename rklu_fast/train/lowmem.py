@@ -128,6 +128,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _tensors(params: list) -> list[torch.Tensor]:
+    """The parameters of a list of parameters or of parameter groups."""
+    return [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+
+
 def build_optimizer(params, name: str = "adamw", *, lr: float, weight_decay: float = 0.01,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, update: str = "kahan",
                     seed: int = 0) -> torch.optim.Optimizer:
@@ -149,7 +154,7 @@ def build_optimizer(params, name: str = "adamw", *, lr: float, weight_decay: flo
         except ImportError:
             AdamW8bit = None
         if AdamW8bit is not None:
-            bf16 = any(p.dtype == torch.bfloat16 for p in params)
+            bf16 = any(t.dtype == torch.bfloat16 for t in _tensors(params))
             return AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              bf16_stochastic_round=bf16)
         try:

@@ -108,12 +108,13 @@ def answer_row_counts(labels: torch.Tensor) -> torch.Tensor:
 
 def model_logits_fn(original: torch.nn.Module, augmented: torch.nn.Module, form: str = "logits") -> Callable:
     """The online teacher forward: ``batch -> (original logits, augmented logits)``, both ``[B, T, V]``; with a
-    teacher ``form`` the augmented logits come shifted by its per-row ``c``, rounded back to the models' dtype."""
+    teacher ``form`` the augmented logits come shifted by its per-row ``c`` in float32 at least, as the online
+    teacher passes them to the loss (a combined cache forms the teacher from them before any rounding)."""
     @torch.no_grad()
     def logits(batch: dict):
         kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         lo, la = original(**kw).logits, augmented(**kw).logits
-        return lo, shifted_augmented(lo, la, form).to(la.dtype)
+        return lo, shifted_augmented(lo, la, form)
     return logits
 
 
@@ -179,8 +180,11 @@ class TeacherCache:
             seen = torch.zeros(num_examples, dtype=torch.bool)
             for batch in batches:
                 orig, aug = logits_fn(batch)
-                for name, t in (("original", orig), ("augmented", aug)):
-                    if t.dtype != dtype or t.shape[-1] != key.vocab_size:
+                # a form's shifted augmented rows may come in float32 (rounded to the cache dtype when stored)
+                shifted_ok = {dtype, torch.promote_types(dtype, torch.float32)} if key.teacher_form != "logits" \
+                    else {dtype}
+                for name, t, ok in (("original", orig, {dtype}), ("augmented", aug, shifted_ok)):
+                    if t.dtype not in ok or t.shape[-1] != key.vocab_size:
                         raise ValueError(f"{name} logits: {t.dtype} [..., {t.shape[-1]}] but the cache key says "
                                          f"{key.dtype} [..., {key.vocab_size}]")
                 valid = target_mask(batch["labels"]).to(orig.device)
