@@ -155,8 +155,20 @@ def _merge(base: dict, update: dict, prefix: tuple = ()) -> None:
             raise ConfigError(f"{name}: unknown key; valid keys here: {sorted(base)}")
         if isinstance(base[key], dict) and path not in _FREE:
             _merge(base[key], value, path)
+        elif isinstance(base[key], dict) and isinstance(value, dict):  # a free section: any keys, merged
+            base[key] = _merge_free(base[key], value)
         else:
             base[key] = value
+
+
+def _merge_free(base: dict, update: dict) -> dict:
+    """``update`` merged into a copy of ``base`` key by key (nested mappings too), so that an override such as
+    ``experiment.jobs=1`` changes one key of a free section, not the whole section."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge_free(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) \
+            else value
+    return out
 
 
 def _set_dotted(config: dict, assignment: str) -> None:

@@ -74,3 +74,16 @@ def test_keep_last_defaults_to_two_and_must_be_a_positive_integer():
                          ("true", "must be an integer")):
         with pytest.raises(ConfigError, match=f"checkpoint.keep_last: {message}"):
             load_config(TINY, [f"checkpoint.keep_last={bad}"])
+
+
+def test_an_override_inside_a_free_section_changes_only_its_key(tmp_path):
+    """`experiment:` and `model.random_init:` take any keys; `experiment.jobs=1` on the command line must keep the
+    file's other keys of the section (plans, lrs), as an override of any other section does."""
+    path = tmp_path / "c.yaml"
+    path.write_text("experiment:\n  jobs: 2\n  lrs: [1.0e-4, 3.0e-4]\n  plans: {seeds: [rklu+RT]}\n"
+                    "model:\n  train_tokenizer: 512\n  random_init: {architecture: llama, hidden_size: 64}\n")
+    config = load_config(path, ["experiment.jobs=1", "experiment.plans.teacher=[ga]",
+                                "model.random_init.hidden_size=32"])
+    assert config["experiment"] == {"jobs": 1, "lrs": [1e-4, 3e-4], "plans": {"seeds": ["rklu+RT"],
+                                                                              "teacher": ["ga"]}}
+    assert config["model"]["random_init"] == {"architecture": "llama", "hidden_size": 32}
