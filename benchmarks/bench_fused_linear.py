@@ -122,7 +122,7 @@ def flops(method: str, n: int, n_valid: int, d: int, v: int) -> int:
 
 
 def memory_bound(shape: Shape, n_valid: int) -> int:
-    """The issue's bound on the fused op's peak extra memory: fp32 dW + the dW autograd returns when the weight is
+    """The bound on the fused op's peak extra memory: fp32 dW + the dW autograd returns when the weight is
     not fp32 + dhidden + one chunk of student and teacher rows (3·C·V fp32)."""
     elem = torch.tensor([], dtype=B.DTYPES[shape.dtype]).element_size()
     dw = shape.v * shape.d * 4 + (shape.v * shape.d * elem if elem != 4 else 0)
@@ -453,7 +453,7 @@ def _target(name, measured, threshold, detail=""):
 
 
 def verdicts(rows) -> list[dict]:
-    """The issue's targets, each judged where its rows were measured: everywhere, the fused op's peak extra memory
+    """The targets, each judged where its rows were measured: everywhere, the fused op's peak extra memory
     within its bound; on CPU (N = 2048, d = 512, V = 32000) time ≤ 1.2× materialising; on a GPU time ≤ 1.3× its
     own matmuls and ≤ Liger's fused linear JSD(β=1) in time and memory."""
     out = []

@@ -59,7 +59,7 @@ def test_verdicts():
     assert got["time / its matmuls (same chunks)"]["pass"] is True
     assert got["time / Liger FLJSD(beta=1)"]["measured"] == pytest.approx(0.5)
     assert got["peak extra / Liger FLJSD(beta=1)"]["measured"] == pytest.approx(0.25)
-    assert "time / materialising" not in got  # only judged at the CPU shape
+    assert "time / materialising" not in got  # only judged at the CPU target shape
 
 
 def test_time_verdict_pairs_the_rounds():

@@ -8,9 +8,9 @@
 
 namespace rklu {
 
-// Numbers reach error messages already formatted (std::to_string: snprintf, no iostream facets). On the H100 image
-// (torch 2.11) streaming an int64 into a TORCH_CHECK message crashed inside std::ostream::_M_insert<long> (the
-// extension's and the process's libstdc++ disagreeing on the numeric facet); plain strings streamed fine there.
+// Numbers reach error messages already formatted (std::to_string: snprintf, no iostream facets): streaming a number
+// into a TORCH_CHECK message goes through std::ostream's numeric facet, which breaks when the extension's and the
+// process's libstdc++ disagree on it; strings stream safely.
 inline std::string num(int64_t v) { return std::to_string(v); }
 inline std::string num(double v) { return std::to_string(v); }
 inline std::string shape(at::IntArrayRef s) {

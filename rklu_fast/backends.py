@@ -106,8 +106,7 @@ def _resolve(backend: str, device_type: str, dtypes: tuple) -> tuple:
         return None, (f"{name} is {_dtype_name(dt)}; backend {backend!r} takes "
                       f"{'/'.join(map(_dtype_name, FUSED_DTYPES))}: use backend='torch' or 'auto'")
     if backend == "auto":
-        # GPU: Triton first: on an H100 it wrote the gradient 13-15 % faster than the CUDA kernel (N = 16384,
-        # V = 32000 / 51200, bf16; benchmarks/results/bench_loss_nvidia-h100-80gb-hbm3_2026-11-23.md)
+        # GPU: Triton first, the faster of the two GPU kernels where both were measured (docs/benchmarks.md)
         preferred = ("triton", "cuda") if device_type == "cuda" else ("cpu", "torch")
         return next((name for name in preferred if _usable_on(name, device_type) is None), "torch"), None
     reason = _usable_on(backend, device_type)

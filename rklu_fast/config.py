@@ -111,10 +111,10 @@ DEFAULTS: dict = {
     # of the unlearning student at every epoch boundary (docs/evaluation.md) on the first ds_size rows per split
     # (TOFU: 300), data from source (null: the default TOFU folder); max_new_tokens caps generations (null: TOFU's
     # max_length-200 rule); forget quality compares with the oracle when the run has one.
-    # `rklu experiment ...` settings (rklu_fast/experiments/); a free-form mapping the stages never read.
-    "experiment": None,
     "eval": {"max_examples": 200, "every_epoch": False, "ds_size": 300, "batch_size": 16, "max_new_tokens": None,
              "source": None},
+    # `rklu experiment ...` settings (rklu_fast/experiments/); a free-form mapping the stages never read.
+    "experiment": None,
 }
 # Keys whose default is null (the method's default) but that take a number when set.
 _OPTIONAL_NUMBERS = {("unlearn", "beta"), ("unlearn", "delta"), ("unlearn", "forget_weight")}

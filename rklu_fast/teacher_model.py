@@ -7,7 +7,7 @@ manifest folder or an ordinary ``save_pretrained`` folder / hub id.
 
 What differs from a transformers model, and what it costs:
 - ``forward`` takes no ``logits_to_keep`` (a ``TypeError``), so the evaluator's shared-prompt pass falls back to
-  scoring whole sequences (``rklu_fast.eval.nll``): ≈ 1.4× the tokens of that pass on TOFU.
+  scoring whole sequences (``rklu_fast.eval.nll``): the shared question is scored once per answer.
 - ``generate`` is its own greedy decoder over both models' KV caches (the two caches advance together); it takes
   the arguments the evaluator passes and ignores sampling and cache options.  Greedy only.
 """

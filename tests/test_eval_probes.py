@@ -54,6 +54,9 @@ def test_leak_probe_hand_computed():
         leak_probe(model, tok, LLAMA2, rows[1:], k=2)
     with pytest.raises(ValueError, match="k: must be a positive int"):
         leak_probe(model, tok, LLAMA2, rows, k=0)
+    model.supports_beam_search = False  # as a TeacherModel: k beams would come back as one greedy text each
+    with pytest.raises(ValueError, match="model: the leak probe needs beam search"):
+        leak_probe(model, tok, LLAMA2, rows, k=3)
 
 
 def test_continuation_scores_and_perplexity_hand_computed():

@@ -96,3 +96,43 @@ def test_toy_experiment_writes_the_report(tmp_path, toy_data, monkeypatch):
     assert "| rklu+RT | 0.01 |" in md and "| original |" in md
     # a rerun skips the finished jobs and rewrites the same report
     assert main(["experiment", "mini-tofu", "--config", "configs/mini-tofu.yaml", *ov]) == 0
+
+
+@needs_tofu
+def test_a_diverging_job_is_reported_with_the_epochs_it_reached(tmp_path, toy_data, monkeypatch):
+    """A loss going non-finite in epoch 2 stops that job's training, not the experiment: its result holds epochs
+    0 and 1 and says it diverged, the report marks it, and a rerun does not train it again; the recorded command
+    names the plan, so it reruns as written."""
+    from rklu_fast.cli import main
+    from rklu_fast.train.loop import NonFiniteError
+    from rklu_fast.train.pipeline import Run
+
+    unlearn = Run.unlearn
+    calls = []
+
+    def diverging(self, on_epoch=None, **kw):
+        def hook(epoch, model):
+            on_epoch(epoch, model)
+            if epoch == 1:
+                raise NonFiniteError("step 9: the forget term of 'ga' is inf (method 'ga')")
+        calls.append(1)
+        return unlearn(self, on_epoch=hook if on_epoch else None, **kw)
+    monkeypatch.setattr(Run, "unlearn", diverging)
+    out = tmp_path / "report"
+    experiment = ("{methods: [ta], plans: {one: [ga+RT]}, lrs: [1.0e-2], seeds: [0], jobs: 1, forget_rows: 6, "
+                  f"retain_rows: 4, leak_rows: 2, eval_batch_size: 4, max_new_tokens: 6, out_dir: {out}, "
+                  "require_informative: false, name: toy}")
+    ov = overrides(tmp_path / "exp", **{"data.source": str(toy_data), "data.retain": "retain99",
+                                        "finetune.epochs": 1, "augment.epochs": 1, "unlearn.epochs": 2,
+                                        "experiment": experiment})
+    ov = [o for o in ov if not o.startswith("model.tokenizer=")] + [f"model.tokenizer={tokenizer_dir()}"]
+    args = ["experiment", "mini-tofu", "--config", "configs/mini-tofu.yaml", "--plan", "one", *ov]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "exp" / "results" / "ga+RT_lr0.01_seed0.json").read_text())
+    assert "is inf" in result["diverged"] and [p["epoch"] for p in result["epochs"]] == [0, 1]
+    assert result["selected"]["epoch"] == 1 and result["selected"]["utility"] is not None
+    assert " --plan one --job " in result["command"]
+    md = next(out.glob("toy_*.md")).read_text()
+    assert "| ga+RT (diverged after epoch 1) | 0.01 |" in md
+    n = len(calls)
+    assert main(args) == 0 and len(calls) == n  # finished, diverged or not: not trained again

@@ -85,6 +85,9 @@ def leak_probe(model, tokenizer, template: Template, rows: list[dict], *, k: int
     """Run the probe on ``rows`` (dicts with ``question`` and ``answer``): leaked fraction and per-question results."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: must be a positive int, got {k!r}")
+    if not getattr(model, "supports_beam_search", True):
+        raise ValueError(f"model: the leak probe needs beam search (its top-{k} continuations), and "
+                         f"{type(model).__name__} generates greedily only; probe the original or a trained model")
     probes = []
     for i, r in enumerate(rows):
         if "question" not in r or "answer" not in r:

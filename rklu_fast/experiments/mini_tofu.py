@@ -77,8 +77,6 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
-_write_json = write_json
-
 
 class Experiment:
     """The experiment of one config file (``experiment`` section over ``DEFAULTS``) and CLI overrides."""
@@ -152,7 +150,10 @@ class Experiment:
             for lr in lrs:
                 for seed in entry.get("seeds", self.exp["seeds"]):
                     jobs.append({**common, "id": job_id(label, lr, seed), "lr": float(lr), "seed": int(seed)})
-        return jobs
+        unique = {}
+        for j in jobs:  # `best_of` may resolve to an entry listed too: one job (one run directory) per id
+            unique.setdefault(j["id"], j)
+        return list(unique.values())
 
     def _finished(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.results.glob("*.json")) if p.name != "reference.json"
@@ -240,7 +241,7 @@ class Experiment:
         for role in points:
             points[role]["forget_quality"] = scorer.forget_quality(points[role]["stat"], oracle["stat"])
             points[role]["forget_quality_all"] = scorer.forget_quality(points[role]["stat_all"], oracle["stat_all"])
-        _write_json(path, points)
+        write_json(path, points)
         return points
 
     def check_informative(self, ref: dict) -> None:
@@ -276,7 +277,7 @@ class Experiment:
                         | {self.cfg["unlearn"]["alpha"]})
         out = teacher_diagnostics(original, augmented, run.encode(run.forget_records), run.tokenizer.pad_token_id,
                                   alphas=alphas)
-        _write_json(path, out)
+        write_json(path, out)
         return out
 
     # ------------------------------------------------------------------ step 2: one job
@@ -284,6 +285,7 @@ class Experiment:
         """Unlearn with one (method, lr, seed), evaluate its epochs, pick its points; writes its result file."""
         from safetensors.torch import load_file, save_file
 
+        from rklu_fast.train.loop import NonFiniteError
         from rklu_fast.train.pipeline import Run
 
         out = self.results / f"{job['id']}.json"
@@ -291,6 +293,9 @@ class Experiment:
             return json.loads(out.read_text())
         ref = self.reference_points()
         cfg = self.job_config(job)
+        if job["method"] not in UNTRAINED and cfg["unlearn"]["epochs"] < 1:
+            raise ConfigError(f"unlearn.epochs: {cfg['unlearn']['epochs']}; the experiment selects among epochs "
+                              "1, 2, …, so a trained method needs at least one epoch")
         job_dir = Path(cfg["run_dir"])
         run = Run(cfg, resume=True)
         run.preflight(("unlearn",))
@@ -320,17 +325,24 @@ class Experiment:
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                           weights / f"epoch-{epoch:g}.safetensors")
             points.append(point)
-            _write_json(progress, points)
+            write_json(progress, points)
             last_end[0] = time.perf_counter()
 
         t_start = time.perf_counter()
+        diverged, chosen = None, set()
         if job["method"] in UNTRAINED:
             run.unlearn()
             model = run.load_model(run.model_path("unlearned"))
             on_epoch(0, model)
             chosen = {0}
-        elif not run.unlearn(on_epoch=on_epoch):
-            raise RuntimeError(f"job {job['id']}: the unlearn stage stopped early")
+        else:
+            try:
+                finished = run.unlearn(on_epoch=on_epoch)
+            except NonFiniteError as e:  # a result all the same: the epochs it reached, marked diverged
+                diverged, finished = str(e), True
+                print(f"[experiment] {job['id']}: diverged ({e}); reporting the epochs it reached", flush=True)
+            if not finished:
+                raise RuntimeError(f"job {job['id']}: the unlearn stage stopped early")
         trained = [p for p in points if p["epoch"] >= 1]
         if trained:
             e_star, last = selected_epoch(points)["epoch"], trained[-1]["epoch"]
@@ -359,15 +371,16 @@ class Experiment:
                   "lr": job["lr"], "seed": job["seed"], "trains": job["method"] not in UNTRAINED,
                   "unlearn": {k: cfg["unlearn"][k] for k in ("alpha", "beta", "delta", "forget_weight", "epochs",
                                                               "batch_size", "retain_weight", "teacher_form")},
-                  "epochs": points, "wall_seconds": time.perf_counter() - t_start,
-                  "command": self.command + f" --job {job['id']}", "machine": machine(),
+                  "epochs": points, "diverged": diverged, "wall_seconds": time.perf_counter() - t_start,
+                  "command": self.command + (f" --plan {shlex.quote(self.plan)}" if self.plan else "")
+                  + f" --job {shlex.quote(job['id'])}", "machine": machine(),
                   "date": date.today().isoformat()}
         points = [{k: v for k, v in p.items() if k != "stat"} for p in points]  # the statistics stay in epochs.json
         trained = [p for p in points if p["epoch"] >= 1]
         result["epochs"] = points
         result["selected"] = selected_epoch(points) if trained else points[0]
         result["best_utility_above_0.05"] = best_utility_above(points) if trained else None
-        _write_json(out, result)
+        write_json(out, result)
         for f in weights.glob("*.safetensors") if weights.is_dir() else ():  # keep only what the report cites
             if float(f.stem.removeprefix("epoch-")) not in ({result["selected"]["epoch"], points[-1]["epoch"]}):
                 f.unlink()
@@ -405,10 +418,10 @@ class Experiment:
                 cmd = [sys.executable, "-m", "rklu_fast.cli", "experiment", "mini-tofu", "--config",
                        self.config_path, "--job", j["id"], *(["--plan", self.plan] if self.plan else []),
                        *self.overrides]
-                log = open(logs / f"{j['id']}.log", "w")
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
-                running.append((j, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
-                                time.perf_counter()))
+                with open(logs / f"{j['id']}.log", "w") as log:  # the child keeps its own handle
+                    running.append((j, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                                    time.perf_counter()))
                 print(f"[experiment] started {j['id']} (log: {logs / (j['id'] + '.log')})", flush=True)
             time.sleep(2)
             for item in list(running):

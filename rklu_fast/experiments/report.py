@@ -61,6 +61,13 @@ def _fmt(value, spec=".3f") -> str:
     return format(value, spec)
 
 
+def _diverged(job: dict) -> str:
+    """A mark for a run whose loss or gradient went non-finite: its figures are those of the epochs it reached."""
+    if not job.get("diverged"):
+        return ""
+    return f" (diverged after epoch {job['epochs'][-1]['epoch']:g})"
+
+
 def markdown(data: dict) -> str:
     ref, jobs = data["reference"], data["jobs"]
     m = data["machine"]
@@ -91,7 +98,8 @@ def markdown(data: dict) -> str:
     for name, run in method_points(jobs).items():
         s, b = run["selected"], run.get("best_utility_above_0.05")
         best = f"{_fmt(b['utility'])} ({b['epoch']:g})" if b else "none"
-        lines.append(f"| {name} | {_fmt(run['lr'], 'g')} | {_fmt(s['epoch'], 'g')} | {_fmt(s['forget_quality'])} | "
+        lines.append(f"| {name}{_diverged(run)} | {_fmt(run['lr'], 'g')} | {_fmt(s['epoch'], 'g')} | "
+                     f"{_fmt(s['forget_quality'])} | "
                      f"{_fmt(s.get('forget_quality_all'))} | {_fmt(s.get('forget_rougeL'))} | "
                      f"{_fmt(s['forget_prob'])} | {_fmt(s['retain_prob'])} | {_fmt(s.get('utility'))} | "
                      f"{_fmt(s.get('leak_rate'))} | {best} |")
@@ -101,7 +109,7 @@ def markdown(data: dict) -> str:
     for j in sorted(jobs, key=lambda j: (j.get("label") or j["spec"], j["lr"] or 0, j["seed"])):
         s, last = j["selected"], j["epochs"][-1]
         secs = [p["train_seconds"] + p["eval_seconds"] for p in j["epochs"] if p.get("train_seconds")]
-        lines.append(f"| {j.get('label') or j['spec']} | {_fmt(j['lr'], 'g')} | {j['seed']} | "
+        lines.append(f"| {j.get('label') or j['spec']}{_diverged(j)} | {_fmt(j['lr'], 'g')} | {j['seed']} | "
                      f"{_fmt(s['epoch'], 'g')} | {_fmt(s['forget_quality'])} | {_fmt(s.get('utility'))} | "
                      f"{_fmt(last['forget_quality'])} | {_fmt(last.get('utility'))} | "
                      f"{_fmt(sum(secs) / len(secs), '.0f') if secs else '–'} |")
@@ -159,15 +167,19 @@ def _fq_axis(ax, low: float) -> None:
     ax.axvline(FQ_THRESHOLD, color="grey", lw=0.8, ls="--")
 
 
-def plot(data: dict, path: Path, plans: tuple[str, ...] | None = ("methods", "comparison"),
-         title: str = "each method at e*") -> None:
-    """Forget quality against utility, one point per label (of the jobs of ``plans``; None: every job)."""
+def comparison(jobs: list[dict]) -> list[dict]:
+    """The jobs of the comparison itself (``experiment.methods``), not of a plan."""
+    return [j for j in jobs if j.get("plan", "methods") == "methods"]
+
+
+def plot(data: dict, path: Path, every_plan: bool = False, title: str = "each method at e*") -> None:
+    """Forget quality against utility, one point per label (of the comparison's jobs, or of every job)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    jobs = [j for j in data["jobs"] if plans is None or j.get("plan", "methods") in plans]
+    jobs = data["jobs"] if every_plan else comparison(data["jobs"])
     if not jobs:
         return
     ref, points = data["reference"], method_points(jobs)
@@ -198,7 +210,7 @@ def plot_curves(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    jobs = [j for j in data["jobs"] if j.get("plan", "methods") in ("methods", "comparison")]
+    jobs = comparison(data["jobs"])
     points = {k: v for k, v in method_points(jobs).items() if v["trains"]} if jobs else {}
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for name, run in points.items():
@@ -211,7 +223,8 @@ def plot_curves(data: dict, path: Path) -> None:
     for ax, title in zip(axes, ("forget quality", "forget-answer probability", "retain probability")):
         ax.set_xlabel("epoch")
         ax.set_title(title, fontsize=10)
-    axes[2].legend(fontsize=6, ncol=2)
+    if points:
+        axes[2].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -226,5 +239,5 @@ def write_all(stem: Path, data: dict) -> None:
     if data["jobs"]:
         plot(data, Path(f"{stem}.png"))
         plot_curves(data, Path(f"{stem}_curves.png"))
-        if any(j.get("plan", "methods") not in ("methods", "comparison") for j in data["jobs"]):
-            plot(data, Path(f"{stem}_frontier.png"), plans=None, title="every configuration at e* (the frontier)")
+        if len(comparison(data["jobs"])) < len(data["jobs"]):
+            plot(data, Path(f"{stem}_frontier.png"), every_plan=True, title="every configuration at e* (the frontier)")

@@ -373,7 +373,7 @@ class Run:
             print(f"[rklu] {role}: stopped after {self.stop_after_steps} steps; continue with --resume")
             return False
         full = distributed.export_state_dict(model)  # fsdp2: the shards gathered on the main process
-        if self.accelerator.is_main_process:  # one writer in multi-process runs (issue 7)
+        if self.accelerator.is_main_process:  # one writer in multi-process runs
             checkpoint.save_model(out / "model", self.accelerator.unwrap_model(model), self.tokenizer, full)
             if self._uses_lora(role) and self.cfg["lora"]["merge"]:  # a plain model for tools without peft
                 merged = lora.merged_model(self.accelerator.unwrap_model(model)) if full is None else \

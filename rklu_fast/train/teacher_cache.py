@@ -296,8 +296,8 @@ class CachedTeacher:
 
 def place_cache(cache: TeacherCache, device) -> TeacherCache:
     """On a GPU, the cache moves to device memory when it takes at most a quarter of what is free: a host cache
-    costs a gather and a pageable host-to-device copy of every micro-batch's rows (measured on an H100 with
-    Phi-1.5: cached steps were slower than online ones until the cache moved)."""
+    costs a gather and a pageable host-to-device copy of every micro-batch's rows, enough to make cached steps
+    slower than online ones (docs/memory-and-scale.md)."""
     if torch.device(device).type == "cuda" and cache.nbytes() <= torch.cuda.mem_get_info(device)[0] // 4:
         return cache.to(device)
     return cache
