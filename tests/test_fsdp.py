@@ -150,36 +150,39 @@ def test_fsdp2_step_gradient_equals_one_process(tmp_path):
 RT = {**REFERENCE_RUNS["rt"], **FSDP}
 
 
-def _resume(rank, world, run_dir):
-    unlearn(rank, world, run_dir, RT, ("--resume",))
+def _resume(rank, world, run_dir, run="rt"):
+    unlearn(rank, world, run_dir, {**REFERENCE_RUNS[run], **FSDP}, ("--resume",))
 
 
-def _killed(rank, world, run_dir, fault):
+def _killed(rank, world, run_dir, fault, run="rt"):
     import os
 
     os.environ["RKLU_FAULT_AT"] = fault
-    unlearn(rank, world, run_dir, RT)
+    unlearn(rank, world, run_dir, {**REFERENCE_RUNS[run], **FSDP})
 
 
-def test_killed_fsdp_run_resumes_bit_identically(fsdp, tmp_path):
+@pytest.mark.parametrize("run", ["rt", "lora"])
+def test_killed_fsdp_run_resumes_bit_identically(fsdp, tmp_path, run):
     """Rank 0 is killed (exit 137, as by SIGKILL) while the epoch-2 checkpoint is being written, with rank 1's
     shard of it cut in half; the launcher then kills rank 1.  The half-written checkpoint never becomes
     ``epoch-2``; ``--resume`` on 2 processes continues from epoch-1 and ends bit-identical to the uninterrupted
-    2-process run: the same losses at every step, the same exported weights."""
+    2-process run: the same losses at every step, the same exported weights (with LoRA the checkpoint holds the
+    adapter alone, and the frozen base is the one loaded)."""
     from safetensors.torch import load_file
 
     root, _ = fsdp
     run_dir = tmp_path / "killed"
     step = 2 * N_FORGET // BATCH  # the step that completes epoch 2
-    codes = launch(_killed, 2, run_dir, f"unlearned:{step}:{checkpoint.SHARDED_DIR}/__1_0.distcp:kill")
+    codes = launch(_killed, 2, run_dir, f"unlearned:{step}:{checkpoint.SHARDED_DIR}/__1_0.distcp:kill", run)
     assert codes[0] == 137 and codes[1] != 0
     ckpts = run_dir / "unlearned" / "checkpoints"
     assert [p.name for p in checkpoint.epoch_checkpoints(ckpts)] == ["epoch-1"]
     assert [p.name for p in ckpts.iterdir() if p.name.startswith(".epoch-2.tmp-")]  # what the kill left
     assert checkpoint.is_sharded(ckpts / "epoch-1") and checkpoint.verify(ckpts / "epoch-1") is None
-    assert launch(_resume, 2, run_dir) == [0, 0]
-    assert losses(run_dir) == losses(root / "rt")
-    w1, w2 = (load_file(d / "unlearned" / "model" / "model.safetensors") for d in (root / "rt", run_dir))
+    assert launch(_resume, 2, run_dir, run) == [0, 0]
+    assert losses(run_dir) == losses(root / run)
+    name = "adapter_model.safetensors" if run == "lora" else "model.safetensors"
+    w1, w2 = (load_file(d / "unlearned" / "model" / name) for d in (root / run, run_dir))
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     assert not [p for p in ckpts.iterdir() if ".tmp-" in p.name]  # the leftover was cleared
 

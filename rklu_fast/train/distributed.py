@@ -122,7 +122,7 @@ class FSDP2Accelerator(Accelerator):
         parameters = [p for p in parameters if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type)
         total = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)  # reduced once, above
         return total
 
 
@@ -210,8 +210,16 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, accelerator) 
     model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=path / checkpoint.SHARDED_DIR)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_state_options(model))
+    lora = hasattr(model, "peft_config")  # the adapter alone was saved: the frozen base stays as loaded
+    keys = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                          options=_state_options(model, strict=not lora))
+    if lora:
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        frozen |= {name for name, _ in model.named_buffers()}
+        wrong = sorted(set(keys.missing_keys) - frozen) + sorted(keys.unexpected_keys)
+        if wrong:
+            raise ValueError(f"resume: {path} does not match this LoRA student (missing or unexpected: "
+                             f"{wrong[:5]}); resume with the lora settings it was written with")
     training = checkpoint.load_training_state(path)
     scheduler.load_state_dict(training["scheduler"])
     rngs = training["rng_per_rank"]
