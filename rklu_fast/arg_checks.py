@@ -82,3 +82,21 @@ def valid_rows(labels, mask, ignore_index: int, row_shape, device, of: str) -> t
     if mask is not None:
         valid = valid & row_mask("mask", mask, row_shape, device, integer=False, of=of)
     return valid
+
+
+def loss_scale(reduction: str, num_items_in_batch, valid: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """The factor on the summed per-row losses: ``1/num_items_in_batch`` (or ``1/valid rows``, at least 1: no
+    valid row gives 0/1, not 0/0) for ``mean``, 1 for ``sum``.  A Python count becomes a device tensor without a
+    host-to-device copy (``torch.full``), so the training step stays free of host syncs."""
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=device)
+    if num_items_in_batch is None:
+        return 1.0 / valid.sum().to(dtype).clamp(min=1.0)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return 1.0 / num_items_in_batch.detach().to(device=device, dtype=dtype)
+    return torch.full((), float(num_items_in_batch), dtype=dtype, device=device).reciprocal()
+
+
+def unit_stride(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` with a contiguous last dimension (the kernels read rows), copied only when it is not."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()

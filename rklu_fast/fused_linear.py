@@ -21,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from rklu_fast.backends import resolve
-from rklu_fast.arg_checks import FLOAT_DTYPES, check_device, check_options, valid_rows
+from rklu_fast.arg_checks import FLOAT_DTYPES, check_device, check_options, loss_scale, unit_stride, valid_rows
 from rklu_fast.loss import _own_version
 
 __all__ = ["fused_linear_reverse_kl_loss", "fused_linear_forward_kl_loss", "chunk_rows", "supports_fused_linear",
@@ -169,8 +169,9 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     `valid` (bool `[N]`) selects the rows; teacher row of valid row i: i itself, or with `compact_teacher` its
     rank among the valid rows. `reduce`: the loss is `Σ_i row_scale·KL_i` (0-d; `row_scale` 0-d) and the
     gradients asked for by `grad_*` are computed now (scaled by `row_scale`; dW and db in the fp32 accumulator
-    dtype). Not `reduce`: the per-row losses `[N]` only; the backward then recomputes the gradients with the
-    rows' incoming gradients as `row_scale`. `chunk_size` 0: from the budget (`chunk_rows`).
+    dtype). Not `reduce`: the per-row losses `[N]` only, unscaled (`row_scale` is 1: `reduction='none'`); the
+    backward then recomputes the gradients with the rows' incoming gradients as `row_scale`. `chunk_size` 0: from
+    the budget (`chunk_rows`).
     """
     with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are chosen explicitly
         loss_rows, dh, dw, db = _run(hidden, weight, bias, original, augmented, valid, row_scale, alpha,
@@ -230,6 +231,8 @@ def _backward(ctx, grad_loss, _g_dh, _g_dw, _g_db):
         else:
             # Graph capture cannot mutate a forward output, and a later backward (retain_graph=True) must not
             # change a gradient already handed out: scale out of place, relative to what the buffers hold.
+            # After a first backward with go = 0 the scale is lost: inf ratio, NaN gradient (stopped loudly by
+            # the training loop's finiteness check).
             ratio = go if ctx.applied is None else torch.where(go != ctx.applied, go / ctx.applied, 1.0)
             dh, dw, db = ((t.to(_accumulator_dtype(t.dtype)) * ratio).to(t.dtype) for t in (dh, dw, db))
     else:
@@ -263,7 +266,7 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         autocast = torch.is_autocast_enabled(kind)
     except RuntimeError:  # a device type autocast does not know (e.g. meta)
         autocast = False
-    if autocast:
+    if autocast and torch.float64 not in (hidden.dtype, weight.dtype):  # autocast leaves float64 alone
         return torch.get_autocast_dtype(kind)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden is {_dtype_name(hidden.dtype)} but weight is {_dtype_name(weight.dtype)}: pass "
@@ -276,7 +279,8 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 def _check_options(alpha, temperature, reduction, teacher_rows, num_items_in_batch, ignore_index, chunk_size):
     check_options(alpha=alpha, temperature=temperature, reduction=reduction, teacher_rows=teacher_rows,
-                  num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
+                  num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                  sync_ok=True)  # the op reads its valid-row count on the host anyway: a clear error costs nothing
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None (from the memory budget) or an int >= 1, got {chunk_size!r}")
@@ -334,15 +338,7 @@ def _fused_kl_loss(hidden, weight, original_logits, augmented_logits, alpha, *, 
     loss_dtype = torch.float64 if torch.float64 in dtypes.values() else torch.float32
 
     valid = valid_rows(labels, mask, ignore_index, row_shape, device, of="hidden")
-    if reduction == "mean" and num_items_in_batch is None:
-        row_scale = 1.0 / valid.sum().to(loss_dtype).clamp(min=1.0)  # no valid row: 0/1, not 0/0
-    elif reduction == "mean":
-        row_scale = 1.0 / torch.as_tensor(num_items_in_batch, device=device).detach().to(loss_dtype)
-    else:
-        row_scale = torch.ones((), dtype=loss_dtype, device=device)
-
-    def unit_stride(x):
-        return x if x is None or x.stride(-1) == 1 else x.contiguous()
+    row_scale = loss_scale(reduction, num_items_in_batch, valid, loss_dtype, device)
 
     grad_on = torch.is_grad_enabled()
     loss, _, _, _ = torch.ops.rklu_fast.fused_linear_kl(
@@ -411,6 +407,13 @@ _SCALE_FIELDS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm
 def _unwrap(model):
     """The transformers model under a peft wrapper, or (None, reason) for wrappers whose forward must run."""
     kind = type(model).__name__
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = ()
+    if isinstance(model, FSDPModule):
+        return None, (f"the model is sharded with FSDP2 ({kind}): its forward gathers the shards, so the body and "
+                      "the head cannot be called apart")
     if kind in ("DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"):
         return None, (f"the model is wrapped in {kind}, whose forward must run (gradient synchronisation); "
                       "calling its body directly would skip it")

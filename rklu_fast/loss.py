@@ -19,12 +19,11 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from rklu_fast.arg_checks import FLOAT_DTYPES, check_device, check_options, valid_rows
+from rklu_fast.arg_checks import FLOAT_DTYPES, check_device, check_options, loss_scale, unit_stride, valid_rows
 from rklu_fast.backends import implementation, resolve
 from rklu_fast.reference import teacher_logits
 
 __all__ = ["reverse_kl_loss", "forward_kl_loss", "teacher_logits"]
-
 
 
 # ------------------------------------------------------------------------------------------- row layouts
@@ -165,7 +164,9 @@ def _backward(ctx, grad_rows, _grad_grad, _grad_applied):
     else:
         # Graph capture (torch.compile, opcheck) cannot mutate a forward output in the backward, and a later
         # backward (retain_graph=True) must not change a gradient already handed out: scale out of place.
-        ratio = torch.where(g != applied, g / applied, 1.0)  # exactly 1 where unchanged: bitwise the same
+        # exactly 1 where unchanged: bitwise the same. After a first backward with g = 0 the scale is lost: the
+        # ratio is inf and the gradient NaN, which the training loop's finiteness check stops loudly.
+        ratio = torch.where(g != applied, g / applied, 1.0)
         grad = (grad.to(torch.promote_types(grad.dtype, ratio.dtype)) * ratio.unsqueeze(-1)).to(grad.dtype)
     # The logical rows of the padded gradient in the student's shape: a view, the gradient is not copied.
     v = ctx.shape[-1]
@@ -259,15 +260,7 @@ def _kl_loss(student_logits, original_logits, augmented_logits, alpha, *, labels
     if check_finite:
         _check_finite(student_logits, original_logits, augmented_logits, valid, teacher_row.clamp(min=0), reverse)
 
-    if reduction == "mean" and num_items_in_batch is None:
-        grad_scale = 1.0 / valid.sum().to(loss_dtype).clamp(min=1.0)  # no valid row: 0/1, not 0/0
-    elif reduction == "mean":
-        grad_scale = 1.0 / torch.as_tensor(num_items_in_batch, device=device).detach().to(loss_dtype)
-    else:
-        grad_scale = torch.ones((), dtype=loss_dtype, device=device)
-
-    def unit_stride(x):
-        return x if x is None or x.stride(-1) == 1 else x.contiguous()
+    grad_scale = loss_scale(reduction, num_items_in_batch, valid, loss_dtype, device)
 
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     rows, _, _ = torch.ops.rklu_fast.kl_div(

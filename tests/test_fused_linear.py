@@ -257,6 +257,11 @@ def test_float64_is_computed_in_float64():
     ref_loss, ref_grads = float64_reference(hidden, weight, b, original, augmented, ALPHA, (labels != -100) & mask)
     assert loss.dtype == torch.float64 and abs(float(loss) - float(ref_loss)) <= 1e-12 * abs(float(ref_loss))
     assert all(g.dtype == torch.float64 and rel(g, r) <= 1e-12 for g, r in zip(grads, ref_grads))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone, so does the op
+        loss_ac, grads_ac = run(rklu_fast.fused_linear_reverse_kl_loss, hidden, weight, b, original, augmented,
+                                ALPHA, labels=labels, mask=mask, chunk_size=5)
+    assert loss_ac.dtype == torch.float64 and abs(float(loss_ac) - float(ref_loss)) <= 1e-12 * abs(float(ref_loss))
+    assert all(g.dtype == torch.float64 and rel(g, r) <= 1e-12 for g, r in zip(grads_ac, ref_grads))
 
 
 def test_torch_compile_matches_eager():

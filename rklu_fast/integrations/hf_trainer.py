@@ -96,7 +96,7 @@ class UnlearningMixin:
         # the toolkit's plan: B examples per optimizer step, ⌊epochs·|forget|/B⌋ steps, warm-up over an epoch
         self.batch_size = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * targs.world_size
         total, self._warmup_steps = plan_steps(len(data), targs.num_train_epochs, self.batch_size,
-                                               warmup_epochs or 1.0)
+                                               1.0 if warmup_epochs is None else warmup_epochs)
         if targs.max_steps <= 0:
             targs.max_steps = total
         self.warmup_epochs = warmup_epochs
@@ -213,7 +213,9 @@ class UnlearningMixin:
         once it has been checked to be that count (on the first step of a ``train()``)."""
         counts = mb.counts
         if num_items_in_batch is None:
-            if not hasattr(self, "loss_is_scaled_for_ga"):
+            from transformers import Trainer  # does this version read the flag set in __init__?
+
+            if not hasattr(Trainer, "loss_is_scaled_for_ga"):
                 raise RuntimeError("num_items_in_batch: this transformers version divides losses by the "
                                    "accumulation steps when it passes no num_items_in_batch; the toolkit's loss is "
                                    "already normalised over the step")

@@ -94,7 +94,8 @@ class FSDP2Accelerator(Accelerator):
                              "is restored after sharding, from a sharded checkpoint (a checkpoint written by a "
                              "run without fsdp2 cannot be resumed by one with it)")
         names = {id(p): n for n, p in model.named_parameters()}
-        shard(model.to(self.device), self.mesh, None if self.reshard_after_forward else False)
+        # fully_shard moves each unit to the mesh device as it shards it: never the whole model on one device
+        shard(model, self.mesh, None if self.reshard_after_forward else False)
         sharded = dict(model.named_parameters())
         for group in optimizer.param_groups:
             group["params"] = [sharded[names[id(p)]] for p in group["params"]]
@@ -103,7 +104,7 @@ class FSDP2Accelerator(Accelerator):
     def shard_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen model sharded like the student: each rank keeps 1/N of its weights.  It only runs forwards,
         so every layer (the root too) frees its gathered weights after its forward."""
-        return shard(model.to(self.device), self.mesh, True)
+        return shard(model, self.mesh, True)
 
     @contextlib.contextmanager
     def no_sync(self, model):
