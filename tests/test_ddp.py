@@ -110,3 +110,41 @@ def test_rank_shares_reproduce_the_single_process_step():
         rank_slice(examples, 0, 3)
     with pytest.raises(ValueError, match="rank: must lie in"):
         rank_slice(examples, 4, 4)
+
+
+def _full_disk(rank, world, run_dir, fault):
+    """``rklu unlearn`` (DDP) with an injected ENOSPC; this rank's exit status and error text go to a file."""
+    import contextlib
+    import io
+    import json
+    import os
+
+    from gloo_runs import run_settings, unlearn_args
+    from rklu_fast.cli import main
+
+    os.environ["RKLU_FAULT_AT"] = fault
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(unlearn_args(run_dir, **run_settings(REFERENCE_RUNS["rt"], run_dir)))
+    (run_dir / f"status-{rank}.json").write_text(json.dumps([status, err.getvalue()]))
+
+
+@needs_tofu
+def test_a_failed_checkpoint_write_stops_every_rank(tmp_path):
+    """Rank 0, the one writer, fails to write the first checkpoint (disk full, injected): rank 1 does not wait
+    for it forever but stops with the same error (exit 1, the --resume command); nothing of it is kept."""
+    import json
+
+    from gloo_runs import N_FORGET
+    from rklu_fast.train import checkpoint
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert launch(_full_disk, 2, run_dir, f"unlearned:{N_FORGET // BATCH}:{checkpoint.STATE_FILE}",
+                  timeout=240) == [0, 0]
+    for rank in (0, 1):
+        status, err = json.loads((run_dir / f"status-{rank}.json").read_text())
+        assert status == 1 and "epoch-1: writing failed (OSError" in err and "No space left" in err, (rank, err)
+        assert "continue with: rklu unlearn" in err
+    ckpts = run_dir / "unlearned" / "checkpoints"
+    assert not ckpts.exists() or not list(ckpts.iterdir())

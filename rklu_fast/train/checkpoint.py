@@ -46,6 +46,18 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, I/O error); the earlier checkpoints are intact."""
 
 
+def raise_on_every_rank(failure: CheckpointWriteError | None, accelerator) -> None:
+    """Collective in a multi-process run: raise the one writer's ``failure`` on every rank."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        messages = [m for m in gather_object([None if failure is None else str(failure)]) if m is not None]
+        if messages and failure is None:
+            failure = CheckpointWriteError(messages[0])
+    if failure is not None:
+        raise failure
+
+
 def _fsync_tree(path: Path) -> None:
     for root, _dirs, files in os.walk(path):
         for name in files:

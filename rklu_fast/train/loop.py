@@ -298,9 +298,15 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
             if distributed.is_sharded(model):  # every rank writes its shards
                 distributed.save_checkpoint(ckpt_dir / f"epoch-{epoch}", model, tokenizer, step=done,
                                             optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
-            elif accelerator.is_main_process:
-                checkpoint.save_checkpoint(ckpt_dir / f"epoch-{epoch}", accelerator.unwrap_model(model), tokenizer,
-                                           step=done, optimizer=optimizer, scheduler=scheduler)
+            else:  # one writer; a failure stops every rank (the others would wait for it forever)
+                failure = None
+                if accelerator.is_main_process:
+                    try:
+                        checkpoint.save_checkpoint(ckpt_dir / f"epoch-{epoch}", accelerator.unwrap_model(model),
+                                                   tokenizer, step=done, optimizer=optimizer, scheduler=scheduler)
+                    except checkpoint.CheckpointWriteError as e:
+                        failure = e
+                checkpoint.raise_on_every_rank(failure, accelerator)
             if accelerator.is_main_process:
                 checkpoint.prune_checkpoints(ckpt_dir, keep_last)
         accelerator.wait_for_everyone()
