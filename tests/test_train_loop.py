@@ -125,3 +125,13 @@ def test_atomic_directory_all_or_nothing(tmp_path):
     with checkpoint.atomic_directory(target) as tmp:  # replacing keeps only the new content
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b"] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_retain_positions_count_the_padding_of_the_micro_batches_as_formed():
+    """The KL term over all positions divides by the padded positions of the retain micro-batches: lengths
+    2, 9, 3, 8 in micro-batches of 2 pad to 2·3 + 2·9 = 24 positions grouped by length ((2, 3), (8, 9)), and to
+    2·9 + 2·8 = 34 in drawing order ((2, 9), (3, 8))."""
+    from rklu_fast.train.loop import step_counts
+    retain = [{"input_ids": [1] * n, "labels": [1] * n} for n in (2, 9, 3, 8)]
+    assert step_counts([], retain, 2).retain_positions == 24
+    assert step_counts([], retain, 2, group_by_length=False).retain_positions == 34

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rklu_fast.data.tofu import default_data_dir
+from rklu_fast.data.tofu import default_data_dir, read_text_file
 
 REFUSALS_FILE = "idontknow.jsonl"
 
@@ -23,13 +23,7 @@ def load_refusals(path: str | Path | None, key: str = "unlearn.refusals") -> lis
             raise FileNotFoundError(f"{key}: no refusal file given and no {REFUSALS_FILE} in the TOFU data folder "
                                     "(../shared/data/tofu or $RKLU_DATA_DIR/tofu); set it to a file with one "
                                     "refusal per line")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}: no such file {str(path)!r} (one refusal per line)")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError:
-        raise ValueError(f"{key}: {path} is not UTF-8 text (one refusal per line)") from None
+    lines = [line.strip() for line in read_text_file(path, key).splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise ValueError(f"{key}: {path} has no refusal (one per line)")

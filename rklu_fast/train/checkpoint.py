@@ -274,6 +274,9 @@ def resume_point(directory: str | Path, report=None) -> Path | None:
 def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
     """Keep the ``keep_last`` newest checkpoints whose files have their manifest sizes (a cheap check: no
     reading); delete the rest, damaged ones included."""
+    if keep_last < 1:
+        raise ValueError(f"checkpoint.keep_last: must be at least 1 (the newest checkpoint is what resumes), got "
+                         f"{keep_last}")
     kept = 0
     for path in reversed(epoch_checkpoints(directory)):
         if kept < keep_last and verify(path, checksums=False) is None:

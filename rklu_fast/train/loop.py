@@ -78,14 +78,16 @@ def epochs_touched(num_examples: int, epochs: float, batch_size: int) -> int:
 
 
 def step_counts(forget_views: list[dict[str, dict]], retain_examples: list[dict], micro_batch_size: int,
-                world: int = 1) -> StepCounts:
+                world: int = 1, group_by_length: bool = True) -> StepCounts:
     """The normalisers of one whole step (every process computes them from the whole step's examples).
     ``retain_positions`` counts the padded positions of the retain micro-batches the ``world`` processes form
-    from their shares (the KL term over all positions depends on padding, as TOFU's does)."""
+    from their shares (the KL term over all positions depends on padding, as TOFU's does), grouped by length as
+    ``accumulate_gradients`` groups them."""
     names = forget_views[0].keys() if forget_views else ()
+    order = length_grouped if group_by_length else list
     positions = sum(len(chunk) * max(len(e["input_ids"]) for e in chunk)
                     for r in range(world) if retain_examples
-                    for chunk in _chunks(length_grouped(rank_slice(retain_examples, r, world)), micro_batch_size))
+                    for chunk in _chunks(order(rank_slice(retain_examples, r, world)), micro_batch_size))
     return StepCounts(tokens={name: count_targets([v[name] for v in forget_views]) for name in names},
                       sequences=len(forget_views), retain_tokens=count_targets(retain_examples),
                       retain_positions=positions)
@@ -120,7 +122,7 @@ def accumulate_gradients(model, method, forget_views: list[dict[str, dict]], mic
     """
     retain_examples = retain_examples if retain_term is not None else []
     if counts is None:
-        counts = step_counts(forget_views, retain_examples, micro_batch_size)
+        counts = step_counts(forget_views, retain_examples, micro_batch_size, group_by_length=group_by_length)
     device = accelerator.device
     scale = loss_scale(accelerator.num_processes)
 
@@ -165,7 +167,7 @@ def optimizer_step(model, optimizer, method, forget_views: list[dict[str, dict]]
     sync (summed over ranks when ``want_stats``).  The scheduler is the caller's."""
     world, rank = accelerator.num_processes, accelerator.process_index
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    counts = step_counts(forget_views, retain_examples, micro_batch_size, world)
+    counts = step_counts(forget_views, retain_examples, micro_batch_size, world, group_by_length)
     sums = accumulate_gradients(model, method, rank_slice(forget_views, rank, world), micro_batch_size,
                                 pad_token_id, accelerator, frozen=frozen,
                                 retain_examples=rank_slice(retain_examples, rank, world), retain_term=retain_term,
@@ -232,6 +234,11 @@ def train(model, tokenizer, method, forget_examples: list[dict], stage: dict, ou
     sharded_resume = resume_from is not None and checkpoint.is_sharded(resume_from)
     if resume_from is not None and not sharded_resume:
         state = checkpoint.load_training_state(resume_from)
+        saved, now = len(state["optimizer"]["param_groups"]), len(optimizer.param_groups)
+        if saved != now:  # e.g. written before biases and norms got their own group without weight decay
+            raise ValueError(f"resume: {resume_from} holds {saved} optimizer parameter group(s), this run builds "
+                             f"{now}: it was written by another version of rklu_fast; start the stage again "
+                             "without --resume")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
@@ -331,8 +338,8 @@ def _check_finite(values: dict[str, float], step: int, method: str, retain_term,
                 "retain_loss": f"the retain term {getattr(retain_term, 'name', '')!r}",
                 "grad_norm": "the gradient norm"}[key]
         raise NonFiniteError(f"step {step}: {term} is {value} (method {method!r}); the stage stopped before "
-                             "applying it, the last epoch checkpoint is intact. Lower the learning rate, check the "
-                             "data, or check the checkpoint the stage started from")
+                             "applying it (the epoch checkpoints written so far are intact). Lower the learning "
+                             "rate, check the data, or check the checkpoint the stage started from")
 
 
 class _Log:
