@@ -65,6 +65,10 @@ def test_unsupported_setting_falls_back_with_one_line(tmp_path, shared, capsys):
     assert fused_linear_choice(True, model, "cpu", False) == (True, "")
     use, why = fused_linear_choice(True, model, "cpu", True)
     assert not use and "several processes" in why
+    from rklu_fast.train.methods import make_method
+    assert fused_linear_choice(True, model, "cpu", False, make_method("rklu")) == (True, "")
+    use, why = fused_linear_choice(True, model, "cpu", False, make_method("ga"))
+    assert not use and "method 'ga' reads the student's logits" in why
     model.lm_head.register_forward_hook(lambda m, i, o: o * 2)
     use, why = fused_linear_choice(True, model, "cpu", False)
     assert not use and "forward hooks" in why

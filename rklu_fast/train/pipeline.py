@@ -359,7 +359,7 @@ class Run:
         if "fused_linear" in kwargs:  # decided on the model itself: supported architecture, one process, CUDA
             setting = kwargs["fused_linear"]
             kwargs["fused_linear"], why = fused_linear_choice(setting, model, self.accelerator.device,
-                                                               self.accelerator.num_processes > 1)
+                                                               self.accelerator.num_processes > 1, method)
             if why and setting is not False:
                 print(f"[rklu] {role}: {why}")
         torch.manual_seed(self.cfg["seed"])
@@ -439,7 +439,13 @@ class Run:
                             encode=lambda q, a: encode_qa(self.tokenizer, self.template, q, a, max_length),
                             questions=[r["question"] for r in self.forget_records]
                             if self.cfg["data"]["kind"] == "tofu" else None)
-        return make_method(u["method"], ctx, forget_split=self.cfg["data"]["forget"])
+        method = make_method(u["method"], ctx, forget_split=self.cfg["data"]["forget"])
+        defaulted = [k for k in ("beta", "delta", "forget_weight") if k in method.uses and u[k] is None]
+        if defaulted:
+            self._say(f"unlearn: {method.name} takes the defaults for {self.cfg['data']['forget']} (or forget10's "
+                      f"for other splits): " + ", ".join(f"{k}={getattr(method.ctx, k)}" for k in defaulted)
+                      + "; set unlearn.<key> to change them")
+        return method
 
     def unlearn(self, on_epoch=None) -> bool:
         """The student starts from the original and trains with ``unlearn.method``; the stage builds only what

@@ -319,9 +319,9 @@ def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Modul
     ``online``: ``OnlineTeacher`` (both models on ``device``).  ``cached``: build (or, with ``cache_dir``, load
     and check) the cache; the source then holds neither model (the caller may free them); on a GPU the cache
     moves to device memory when it takes at most a quarter of what is free.  ``auto``: cached when the cache
-    fits in half the free host memory or ``cache_dir`` is given, else online.  The cache is built under
-    ``autocast`` (the training loop's ``accelerator.autocast``), so it holds the logits, in the dtype, that the
-    online path would compute.
+    (one per process of the machine) fits in half the free host memory or ``cache_dir`` is given, else online.
+    The cache is built under ``autocast`` (the training loop's ``accelerator.autocast``), so it holds the logits,
+    in the dtype, that the online path would compute.
     """
     from rklu_fast.train.teacher import OnlineTeacher
 
@@ -339,7 +339,9 @@ def make_teacher(mode: str, original: torch.nn.Module, augmented: torch.nn.Modul
     rows = sum(num_targets(e) for e in examples)
     nbytes = (1 if store == "combined" else 2) * rows * vocab * dtype.itemsize
     if mode == "auto":
-        mode = "cached" if cache_dir is not None or nbytes <= _available_host_bytes() // 2 else "online"
+        # without cache_dir every process of this machine holds its own copy (with it, they map one file)
+        copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        mode = "cached" if cache_dir is not None or copies * nbytes <= _available_host_bytes() // 2 else "online"
     if mode == "online":
         return OnlineTeacher(original, augmented, form)
     key = CacheKey(original=model_fingerprint(original), augmented=model_fingerprint(augmented),

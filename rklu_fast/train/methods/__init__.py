@@ -4,6 +4,8 @@ Adding a method is one file (a ``Method`` subclass: formula and paper in its doc
 """
 from __future__ import annotations
 
+import dataclasses
+
 from rklu_fast.train.methods.base import Method, MethodContext, StepCounts
 from rklu_fast.train.methods.dpo import IdkDPO
 from rklu_fast.train.methods.fklu import FKLU
@@ -45,7 +47,9 @@ def make_method(name: str, ctx: MethodContext | None = None, **fields) -> Method
     and hyper-parameters the context leaves unset take the method's defaults for ``forget_split``."""
     cls = method_class(name)
     forget_split = fields.pop("forget_split", None)
-    ctx = ctx or MethodContext(**fields)
+    if ctx is not None and fields:
+        raise TypeError(f"make_method: pass a MethodContext or its fields, not both (got {sorted(fields)})")
+    ctx = dataclasses.replace(ctx) if ctx is not None else MethodContext(**fields)  # the caller's stays as given
     for key, value in cls.defaults(forget_split).items():
         if getattr(ctx, key) is None:
             setattr(ctx, key, value)

@@ -71,6 +71,7 @@ class Method:
     trains: ClassVar[bool] = True
     reference_views: ClassVar[tuple[str, ...]] = ()
     uses: ClassVar[tuple[str, ...]] = ()     # ``unlearn.*`` hyper-parameters it reads (beta, delta, ...)
+    fused_linear: ClassVar[bool] = False     # its forget term can take the student's hidden states and head
 
     def __init__(self, ctx: MethodContext | None = None):
         self.ctx = ctx or MethodContext()

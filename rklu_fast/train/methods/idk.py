@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rklu_fast.train.methods.base import Method, MethodContext, StepCounts, answer_prob_sum, token_nll_sum
+from rklu_fast.train.methods.base import MethodContext
+from rklu_fast.train.methods.nll import NLL
 
 
 def refusal_id(ctx: MethodContext, epoch: int, index: int) -> int:
@@ -38,11 +39,13 @@ class RefusalViews:
         return self._encoded[i, r]
 
 
-class IDK(Method):
+class IDK(NLL):
+    """NLL (fine-tuning) whose targets are the refusal views of the forget questions."""
     name = "idk"
     summary = "NLL of a refusal (\"I don't know\" variants) for each forget question"
     paper = "Maini et al., TOFU: A Task of Fictitious Unlearning for LLMs, COLM 2024"
     uses = ("refusals",)
+    stat_name = "refusal_prob"
 
     def __init__(self, ctx=None):
         super().__init__(ctx)
@@ -50,9 +53,3 @@ class IDK(Method):
 
     def views(self, example, epoch):
         return {"forget": self.refusals.view(example, epoch)}
-
-    def loss(self, student, batch, frozen, counts: StepCounts, want_stats=False):
-        b = batch["forget"]
-        logits = student(b)
-        loss = token_nll_sum(logits, b["labels"]) / counts.tokens["forget"]
-        return loss, ({"refusal_prob": answer_prob_sum(logits, b["labels"])} if want_stats else {})

@@ -11,9 +11,10 @@ class NLL(Method):
     name = "nll"
     summary = "fine-tuning: NLL of the answers (the finetune and augment stages)"
     paper = "Maini et al., TOFU, COLM 2024 (fine-tuning recipe)"
+    stat_name = "forget_prob"  # the mean probability of the target sequences, logged
 
     def loss(self, student, batch, frozen, counts: StepCounts, want_stats=False):
         b = batch["forget"]
         logits = student(b)
         loss = token_nll_sum(logits, b["labels"]) / counts.tokens["forget"]
-        return loss, ({"forget_prob": answer_prob_sum(logits, b["labels"])} if want_stats else {})
+        return loss, ({self.stat_name: answer_prob_sum(logits, b["labels"])} if want_stats else {})

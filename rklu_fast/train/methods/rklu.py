@@ -23,6 +23,7 @@ class RKLU(Method):
     paper = "Wang et al., RKLD: Reverse KL-Divergence-based Knowledge Distillation for Unlearning, NAACL 2025"
     needs = frozenset({"teacher"})
     uses = ("alpha", "teacher_form")
+    fused_linear = True
     reverse = True
 
     def loss(self, student, batch, frozen, counts: StepCounts, want_stats=False):
