@@ -136,3 +136,28 @@ def test_a_diverging_job_is_reported_with_the_epochs_it_reached(tmp_path, toy_da
     assert "| ga+RT (diverged after epoch 1) | 0.01 |" in md
     n = len(calls)
     assert main(args) == 0 and len(calls) == n  # finished, diverged or not: not trained again
+    # results evaluated on other rows cannot stand next to new ones: refused before anything runs
+    assert main([*args, "experiment.retain_rows=3"]) == 2 and len(calls) == n
+
+
+def test_seed_summary_hand_computed():
+    """Geometric mean of forget quality and mean utility over the seeds at one lr; a label seeded at two lrs
+    gets one row per lr; a label run at one seed gets none."""
+    from rklu_fast.experiments.report import seed_summary
+
+    def job(label, lr, seed, fq, u, above=None):
+        return {"label": label, "spec": label, "lr": lr, "seed": seed,
+                "selected": {"forget_quality": fq, "utility": u},
+                "best_utility_above_0.05": None if above is None else {"utility": above}}
+    jobs = [job("a", 1e-4, 0, 1e-2, 0.5, 0.4), job("a", 1e-4, 1, 1e-4, 0.7, 0.6), job("a", 3e-4, 0, 0.9, 0.1),
+            job("b", 1e-4, 0, 0.1, 0.2), job("b", 1e-4, 1, 0.4, 0.4, 0.3),
+            job("b", 3e-4, 0, 1e-6, 0.3), job("b", 3e-4, 2, 1e-8, 0.5), job("c", 1e-4, 0, 0.2, 0.2)]
+    out = seed_summary(jobs)
+    assert sorted(out) == ["a", "b (lr 0.0001)", "b (lr 0.0003)"]
+    a = out["a"]
+    assert a["lr"] == 1e-4 and a["seeds"] == [0, 1]
+    assert a["fq_geomean"] == pytest.approx(1e-3) and (a["fq_min"], a["fq_max"]) == (1e-4, 1e-2)
+    assert a["utility_mean"] == pytest.approx(0.6) and a["best_utility_above_mean"] == pytest.approx(0.5)
+    assert out["b (lr 0.0001)"]["fq_geomean"] == pytest.approx(0.2)
+    assert out["b (lr 0.0001)"]["best_utility_above_mean"] is None  # seed 0 never got above 0.05
+    assert out["b (lr 0.0003)"]["fq_geomean"] == pytest.approx(1e-7) and out["b (lr 0.0003)"]["seeds"] == [0, 2]

@@ -155,9 +155,18 @@ class Experiment:
             unique.setdefault(j["id"], j)
         return list(unique.values())
 
+    def _finished_result(self, path: Path) -> dict:
+        """A finished job's result; one evaluated with other settings cannot stand next to this run's."""
+        result = json.loads(path.read_text())
+        made_with = result.get("eval_settings")
+        if made_with is not None and made_with != self.eval_settings():
+            raise ConfigError(f"{path}: evaluated with {made_with}, this config says {self.eval_settings()}; move "
+                              "the results folder aside (or restore those settings) before running again")
+        return result
+
     def _finished(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.results.glob("*.json")) if p.name != "reference.json"
-                and not p.name.startswith("teacher_")]
+        return [self._finished_result(p) for p in sorted(self.results.glob("*.json"))
+                if p.name != "reference.json" and not p.name.startswith("teacher_")]
 
     def _resolve(self, entry: dict) -> dict:
         """``best_of: PLAN``: the entry of PLAN whose runs did best (``selection.best_configuration``);
@@ -216,11 +225,29 @@ class Experiment:
                                   batch_size=e["eval_batch_size"], max_new_tokens=e["max_new_tokens"])
         return self._scorer
 
+    def eval_settings(self) -> dict:
+        """What the cached evaluations depend on besides the models: a cached file made with others is stale."""
+        return {"forget_split": self.cfg["data"]["forget"],
+                **{k: self.exp[k] for k in ("forget_rows", "retain_rows", "leak_rows", "max_new_tokens")}}
+
+    def _cached(self, path: Path, settings: dict) -> dict | None:
+        """The JSON at ``path`` without its ``settings``, or None when it is missing or was made with other
+        settings (a file from before settings were recorded is taken as it is)."""
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        made_with = data.pop("settings", None)
+        if made_with is not None and made_with != settings:
+            print(f"[experiment] {path} was made with {made_with}, not {settings}: computing it again")
+            return None
+        return data
+
     def reference_points(self) -> dict:
         """The original's and the oracle's full evaluation (cached in ``results/reference.json``)."""
         path = self.results / "reference.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        cached = self._cached(path, self.eval_settings())
+        if cached is not None:
+            return cached
         from rklu_fast.train.pipeline import Run
 
         run = Run(self.models_config())
@@ -241,7 +268,7 @@ class Experiment:
         for role in points:
             points[role]["forget_quality"] = scorer.forget_quality(points[role]["stat"], oracle["stat"])
             points[role]["forget_quality_all"] = scorer.forget_quality(points[role]["stat_all"], oracle["stat_all"])
-        write_json(path, points)
+        write_json(path, {**points, "settings": self.eval_settings()})
         return points
 
     def check_informative(self, ref: dict) -> None:
@@ -263,8 +290,13 @@ class Experiment:
     def teacher_diagnostics(self) -> dict:
         """Per teacher form and α: how the teacher treats the forget answers (``diagnostics.py``); cached."""
         path = self.results / "teacher_diagnostics.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        alphas = sorted({float(o.split("=", 1)[1]) for plan in self.exp["plans"] for e in self.entries(plan)
+                         for o in e.get("overrides", []) if o.startswith("unlearn.alpha=")}
+                        | {float(self.cfg["unlearn"]["alpha"])})
+        settings = {"forget_split": self.cfg["data"]["forget"], "alphas": alphas}
+        cached = self._cached(path, settings)
+        if cached is not None:
+            return cached
         from rklu_fast.experiments.diagnostics import teacher_diagnostics
         from rklu_fast.train.pipeline import Run
 
@@ -272,12 +304,9 @@ class Experiment:
         run.preflight(())
         original = run.load_model(run.model_path("original"))
         augmented = run.load_model(run.model_path("augmented"))
-        alphas = sorted({float(o.split("=", 1)[1]) for plan in self.exp["plans"] for e in self.entries(plan)
-                         for o in e.get("overrides", []) if o.startswith("unlearn.alpha=")}
-                        | {self.cfg["unlearn"]["alpha"]})
         out = teacher_diagnostics(original, augmented, run.encode(run.forget_records), run.tokenizer.pad_token_id,
                                   alphas=alphas)
-        write_json(path, out)
+        write_json(path, {**out, "settings": settings})
         return out
 
     # ------------------------------------------------------------------ step 2: one job
@@ -290,7 +319,7 @@ class Experiment:
 
         out = self.results / f"{job['id']}.json"
         if out.is_file():
-            return json.loads(out.read_text())
+            return self._finished_result(out)
         ref = self.reference_points()
         cfg = self.job_config(job)
         if job["method"] not in UNTRAINED and cfg["unlearn"]["epochs"] < 1:
@@ -371,7 +400,8 @@ class Experiment:
                   "lr": job["lr"], "seed": job["seed"], "trains": job["method"] not in UNTRAINED,
                   "unlearn": {k: cfg["unlearn"][k] for k in ("alpha", "beta", "delta", "forget_weight", "epochs",
                                                               "batch_size", "retain_weight", "teacher_form")},
-                  "epochs": points, "diverged": diverged, "wall_seconds": time.perf_counter() - t_start,
+                  "eval_settings": self.eval_settings(), "epochs": points, "diverged": diverged,
+                  "wall_seconds": time.perf_counter() - t_start,
                   "command": self.command + (f" --plan {shlex.quote(self.plan)}" if self.plan else "")
                   + f" --job {shlex.quote(job['id'])}", "machine": machine(),
                   "date": date.today().isoformat()}
@@ -389,6 +419,7 @@ class Experiment:
     # ------------------------------------------------------------------ steps 2-3: all jobs, then the report
     def run(self, jobs: int | None = None, only: list[str] | None = None, plan: str | None = None) -> Path:
         self.plan = plan
+        self._finished()  # refuses first when finished jobs were evaluated with other settings
         self.train_models()
         ref = self.reference_points()
         self.check_informative(ref)

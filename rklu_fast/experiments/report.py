@@ -39,17 +39,17 @@ def seed_summary(jobs: list[dict]) -> dict[str, dict]:
         by_lr = defaultdict(list)
         for r in runs:
             by_lr[r["lr"]].append(r)
-        for lr, same in by_lr.items():
-            if len({r["seed"] for r in same}) < 2:
-                continue
+        seeded = {lr: same for lr, same in by_lr.items() if len({r["seed"] for r in same}) >= 2}
+        for lr, same in seeded.items():
             fq = [max(r["selected"]["forget_quality"], 1e-300) for r in same]
             ut = [r["selected"].get("utility") or 0.0 for r in same]
             above = [(r.get("best_utility_above_0.05") or {}).get("utility") for r in same]
-            out[label] = {"lr": lr, "seeds": sorted(r["seed"] for r in same),
-                          "fq_geomean": math.exp(sum(math.log(x) for x in fq) / len(fq)),
-                          "fq_min": min(fq), "fq_max": max(fq),
-                          "utility_mean": sum(ut) / len(ut), "utility_min": min(ut), "utility_max": max(ut),
-                          "best_utility_above_mean": None if None in above else sum(above) / len(above)}
+            key = label if len(seeded) == 1 else f"{label} (lr {lr:g})"  # a label seeded at several lrs
+            out[key] = {"lr": lr, "seeds": sorted(r["seed"] for r in same),
+                        "fq_geomean": math.exp(sum(math.log(x) for x in fq) / len(fq)),
+                        "fq_min": min(fq), "fq_max": max(fq),
+                        "utility_mean": sum(ut) / len(ut), "utility_min": min(ut), "utility_max": max(ut),
+                        "best_utility_above_mean": None if None in above else sum(above) / len(above)}
     return out
 
 
@@ -142,21 +142,13 @@ def markdown(data: dict) -> str:
 
 
 def _fq_axis(ax, low: float) -> None:
-    """Logarithmic from ``low`` to 0.05, linear from 0.05 to 1 (the paper's Figure 3), the linear part taking
-    ``_LINEAR_SHARE`` of the axis whatever the smallest forget quality shown; decade ticks on the log part."""
-    import numpy as np
+    """Logarithmic from ``low`` to 0.05, linear from 0.05 to 1 (the paper's Figure 3; the evaluator's
+    ``dual_scale``), the linear part taking ``_LINEAR_SHARE`` of the axis whatever the smallest forget quality
+    shown; decade ticks on the log part."""
+    from rklu_fast.eval.plots import dual_scale
 
     lo, lo_min = math.log10(FQ_THRESHOLD), math.log10(low)
-    width = (lo - lo_min) * _LINEAR_SHARE / (1 - _LINEAR_SHARE)  # the linear part, in log-part units
-
-    def forward(x):
-        x = np.clip(np.asarray(x, dtype=float), 1e-300, None)
-        return np.where(x < FQ_THRESHOLD, np.log10(x), lo + width * (x - FQ_THRESHOLD) / (1 - FQ_THRESHOLD))
-
-    def inverse(y):
-        y = np.asarray(y, dtype=float)
-        return np.where(y < lo, 10.0 ** y, FQ_THRESHOLD + (y - lo) * (1 - FQ_THRESHOLD) / width)
-
+    forward, inverse = dual_scale((lo - lo_min) * _LINEAR_SHARE / (1 - _LINEAR_SHARE))  # in log-part units
     ax.set_xscale("function", functions=(forward, inverse))
     ax.set_xlim(low, 1.0)
     step = max(1, math.ceil((lo - lo_min) / 6))  # about six decade ticks

@@ -12,7 +12,9 @@
 """
 from __future__ import annotations
 
-FQ_THRESHOLD = 0.05
+from rklu_fast.eval.plots import SIGNIFICANCE as FQ_THRESHOLD  # TOFU's 0.05
+
+__all__ = ["FQ_THRESHOLD", "best_configuration", "best_grid_point", "best_utility_above", "selected_epoch"]
 
 
 def selected_epoch(points: list[dict]) -> dict:

@@ -441,10 +441,10 @@ class Run:
                             if self.cfg["data"]["kind"] == "tofu" else None)
         method = make_method(u["method"], ctx, forget_split=self.cfg["data"]["forget"])
         defaulted = [k for k in ("beta", "delta", "forget_weight") if k in method.uses and u[k] is None]
-        if defaulted:
-            self._say(f"unlearn: {method.name} takes the defaults for {self.cfg['data']['forget']} (or forget10's "
-                      f"for other splits): " + ", ".join(f"{k}={getattr(method.ctx, k)}" for k in defaulted)
-                      + "; set unlearn.<key> to change them")
+        if defaulted and self.accelerator.is_main_process:
+            values = ", ".join(f"{k}={getattr(method.ctx, k)}" for k in defaulted)
+            print(f"[rklu] unlearn: {method.name} with its defaults for {self.cfg['data']['forget']}: {values} "
+                  "(set unlearn.<key> to change them)")
         return method
 
     def unlearn(self, on_epoch=None) -> bool:
