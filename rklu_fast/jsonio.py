@@ -1,8 +1,9 @@
 """JSON outputs: never a bare NaN/Infinity (invalid JSON that most readers reject) and never half a file.
 
 ``finite(value)`` replaces every non-finite float with ``null`` and marks the dict that held it with
-``"nonfinite": true`` (a list's owner dict is marked too); ``write_json`` writes through a temporary file and
-``os.replace``, so a reader sees the old file or the new one."""
+``"nonfinite": true`` (a list's owner dict is marked too: one level, the list itself holds ``null``);
+``write_json`` writes a temporary file, fsyncs it and renames it over the target, so a reader sees the old file
+or the new one."""
 from __future__ import annotations
 
 import json
@@ -35,9 +36,16 @@ def dumps(data, **kwargs) -> str:
 def write_json(path: str | Path, data, indent: int | None = 1) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = dumps(data, indent=indent) + "\n"  # before the file exists: a serialisation error leaves nothing
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(dumps(data, indent=indent) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power loss leaves the old file or the new one
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
