@@ -145,7 +145,9 @@ _CHOICES = {
 }
 
 
-def _merge(base: dict, update: dict, prefix: tuple = ()) -> None:
+def _merge(base: dict, update: dict, prefix: tuple = (), into_free: bool = False) -> None:
+    """``update`` into ``base`` (checked keys).  A free section (``_FREE``) given whole replaces the one before;
+    with ``into_free`` (an override of a key inside it, ``experiment.jobs=1``) it is merged key by key."""
     if not isinstance(update, dict):
         raise ConfigError(f"{'.'.join(prefix) or 'config'}: must be a mapping, got {type(update).__name__}")
     for key, value in update.items():
@@ -154,8 +156,8 @@ def _merge(base: dict, update: dict, prefix: tuple = ()) -> None:
         if key not in base:
             raise ConfigError(f"{name}: unknown key; valid keys here: {sorted(base)}")
         if isinstance(base[key], dict) and path not in _FREE:
-            _merge(base[key], value, path)
-        elif isinstance(base[key], dict) and isinstance(value, dict):  # a free section: any keys, merged
+            _merge(base[key], value, path, into_free)
+        elif into_free and isinstance(base[key], dict) and isinstance(value, dict):
             base[key] = _merge_free(base[key], value)
         else:
             base[key] = value
@@ -185,7 +187,7 @@ def _set_dotted(config: dict, assignment: str) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
-    _merge(config, update)
+    _merge(config, update, into_free=tuple(parts) not in _FREE)
 
 
 _KIND = {int: "an integer (e.g. 2, not 2.0)", bool: "true or false", str: "a string"}

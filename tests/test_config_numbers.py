@@ -87,3 +87,6 @@ def test_an_override_inside_a_free_section_changes_only_its_key(tmp_path):
     assert config["experiment"] == {"jobs": 1, "lrs": [1e-4, 3e-4], "plans": {"seeds": ["rklu+RT"],
                                                                               "teacher": ["ga"]}}
     assert config["model"]["random_init"] == {"architecture": "llama", "hidden_size": 32}
+    # the section itself given whole replaces it: no key of another architecture stays behind
+    config = load_config(path, ["model.random_init={architecture: phi, num_attention_heads: 2}"])
+    assert config["model"]["random_init"] == {"architecture": "phi", "num_attention_heads": 2}
