@@ -56,7 +56,7 @@ def seed_summary(jobs: list[dict]) -> dict[str, dict]:
 def _fmt(value, spec=".3f") -> str:
     if value is None:
         return "–"
-    if isinstance(value, float) and (0 < abs(value) < 1e-3):
+    if spec == ".3f" and isinstance(value, float) and (0 < abs(value) < 1e-3):
         return f"{value:.2e}"
     return format(value, spec)
 
@@ -177,12 +177,13 @@ def plot(data: dict, path: Path, every_plan: bool = False, title: str = "each me
     ref, points = data["reference"], method_points(jobs)
     fig, ax = plt.subplots(figsize=(7.5, 5))
     fqs = [p["selected"]["forget_quality"] for p in points.values()] + [ref[r]["forget_quality"] for r in ref]
-    for name, run in points.items():
+    for i, (name, run) in enumerate(points.items()):
         s = run["selected"]
         if s.get("utility") is None:
             continue
         ax.scatter(s["forget_quality"], s["utility"], s=36)
-        ax.annotate(name, (s["forget_quality"], s["utility"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(name, (s["forget_quality"], s["utility"]), fontsize=7, textcoords="offset points",
+                    xytext=(3, 3 if i % 2 == 0 else -10))  # alternate sides: neighbours' labels do not overlap
     for role, marker in (("original", "*"), ("oracle", "P")):
         r = ref[role]
         ax.scatter(r["forget_quality"], r["utility"], marker=marker, s=140, color="black", zorder=3)
