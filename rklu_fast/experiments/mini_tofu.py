@@ -77,7 +77,6 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
-
 class Experiment:
     """The experiment of one config file (``experiment`` section over ``DEFAULTS``) and CLI overrides."""
 
