@@ -259,3 +259,18 @@ def gradient_step(rank: int, world: int, engine: str, out: Path, seed: int) -> N
         result[mode] = {"grads": grads, "collectives": list(calls), "seen": sum(seen)}
     if rank == 0:
         torch.save(result, out)
+
+
+def unlearn_with_fault(rank: int, world: int, run_dir, fault: str, extra: dict) -> None:
+    """``rklu unlearn`` with ``RKLU_FAULT_AT=fault`` (e.g. an injected ENOSPC); this rank's exit status and error
+    text go to ``run_dir/status-<rank>.json``."""
+    import contextlib
+    import io
+
+    from rklu_fast.cli import main
+
+    os.environ["RKLU_FAULT_AT"] = fault
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(unlearn_args(run_dir, **run_settings(extra, run_dir)))
+    (Path(run_dir) / f"status-{rank}.json").write_text(json.dumps([status, err.getvalue()]))

@@ -113,20 +113,9 @@ def test_rank_shares_reproduce_the_single_process_step():
 
 
 def _full_disk(rank, world, run_dir, fault):
-    """``rklu unlearn`` (DDP) with an injected ENOSPC; this rank's exit status and error text go to a file."""
-    import contextlib
-    import io
-    import json
-    import os
+    from gloo_runs import unlearn_with_fault
 
-    from gloo_runs import run_settings, unlearn_args
-    from rklu_fast.cli import main
-
-    os.environ["RKLU_FAULT_AT"] = fault
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        status = main(unlearn_args(run_dir, **run_settings(REFERENCE_RUNS["rt"], run_dir)))
-    (run_dir / f"status-{rank}.json").write_text(json.dumps([status, err.getvalue()]))
+    unlearn_with_fault(rank, world, run_dir, fault, REFERENCE_RUNS["rt"])
 
 
 @needs_tofu

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gloo_runs import (BATCH, LAYERS, MICRO, REFERENCE_RUNS, STEPS, free_port, gradient_step, launch, losses,
-                       models_dir, reference, run_settings, unlearn, unlearn_args)
+                       models_dir, reference, run_settings, unlearn, unlearn_args, unlearn_with_fault)
 from rklu_fast.train import checkpoint
 from tiny_pipeline import N_FORGET, needs_tofu
 
@@ -275,18 +275,7 @@ def test_shipped_fsdp_config_launches_the_tested_engine():
 
 
 def _full_disk(rank, world, run_dir, fault):
-    """``rklu unlearn`` with an injected ENOSPC; this rank's exit status and error line go to a file."""
-    import contextlib
-    import io
-    import os
-
-    from rklu_fast.cli import main
-
-    os.environ["RKLU_FAULT_AT"] = fault
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        status = main(unlearn_args(run_dir, **run_settings(RT, run_dir)))
-    (run_dir / f"status-{rank}.json").write_text(json.dumps([status, err.getvalue()]))
+    unlearn_with_fault(rank, world, run_dir, fault, RT)
 
 
 def test_a_failed_sharded_checkpoint_write_stops_every_rank(tmp_path):
