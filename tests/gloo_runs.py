@@ -274,3 +274,14 @@ def unlearn_with_fault(rank: int, world: int, run_dir, fault: str, extra: dict) 
     with contextlib.redirect_stderr(err):
         status = main(unlearn_args(run_dir, **run_settings(extra, run_dir)))
     (Path(run_dir) / f"status-{rank}.json").write_text(json.dumps([status, err.getvalue()]))
+
+
+def assert_every_rank_stopped_on_the_failed_write(run_dir) -> None:
+    """What ``unlearn_with_fault`` left after an injected ENOSPC on the first checkpoint: every rank exited 1 with
+    the write's error and the --resume command, and nothing of the checkpoint was kept."""
+    for rank in (0, 1):
+        status, err = json.loads((Path(run_dir) / f"status-{rank}.json").read_text())
+        assert status == 1 and "epoch-1: writing failed (OSError" in err and "No space left" in err, (rank, err)
+        assert "continue with: rklu unlearn" in err
+    ckpts = Path(run_dir) / "unlearned" / "checkpoints"
+    assert not ckpts.exists() or not list(ckpts.iterdir())

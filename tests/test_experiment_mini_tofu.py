@@ -61,18 +61,24 @@ def toy_data(tmp_path_factory):
     return d
 
 
+def toy_overrides(tmp_path, toy_data, methods: str, unlearn_epochs: int) -> list[str]:
+    """Overrides of a toy experiment in ``tmp_path/exp`` (report in ``tmp_path/report``): a tiny model, a few
+    real TOFU rows, one lr, one seed, one job at a time; ``methods``: the YAML of its methods (and plans)."""
+    experiment = (f"{{{methods}, lrs: [1.0e-2], seeds: [0], jobs: 1, forget_rows: 6, retain_rows: 4, leak_rows: 2, "
+                  f"eval_batch_size: 4, max_new_tokens: 6, out_dir: {tmp_path / 'report'}, "
+                  "require_informative: false, name: toy}")
+    ov = overrides(tmp_path / "exp", **{"data.source": str(toy_data), "data.retain": "retain99",
+                                        "finetune.epochs": 1, "augment.epochs": 1, "unlearn.epochs": unlearn_epochs,
+                                        "experiment": experiment})
+    return [o for o in ov if not o.startswith("model.tokenizer=")] + [f"model.tokenizer={tokenizer_dir()}"]
+
+
 @needs_tofu
 def test_toy_experiment_writes_the_report(tmp_path, toy_data, monkeypatch):
     from rklu_fast.cli import main
 
     out = tmp_path / "report"
-    experiment = ("{methods: [rklu+RT, ga+RT, ta], lrs: [1.0e-2], seeds: [0], jobs: 1, forget_rows: 6, "
-                  f"retain_rows: 4, leak_rows: 2, eval_batch_size: 4, max_new_tokens: 6, out_dir: {out}, "
-                  "require_informative: false, name: toy}")
-    ov = overrides(tmp_path / "exp", **{"data.source": str(toy_data), "data.retain": "retain99",
-                                        "finetune.epochs": 1, "augment.epochs": 1, "unlearn.epochs": 1,
-                                        "experiment": experiment})
-    ov = [o for o in ov if not o.startswith("model.tokenizer=")] + [f"model.tokenizer={tokenizer_dir()}"]
+    ov = toy_overrides(tmp_path, toy_data, "methods: [rklu+RT, ga+RT, ta]", unlearn_epochs=1)
     assert main(["experiment", "mini-tofu", "--config", "configs/mini-tofu.yaml", *ov]) == 0
     stems = list(out.glob("toy_*.json"))
     assert len(stems) == 1
@@ -119,13 +125,7 @@ def test_a_diverging_job_is_reported_with_the_epochs_it_reached(tmp_path, toy_da
         return unlearn(self, on_epoch=hook if on_epoch else None, **kw)
     monkeypatch.setattr(Run, "unlearn", diverging)
     out = tmp_path / "report"
-    experiment = ("{methods: [ta], plans: {one: [ga+RT]}, lrs: [1.0e-2], seeds: [0], jobs: 1, forget_rows: 6, "
-                  f"retain_rows: 4, leak_rows: 2, eval_batch_size: 4, max_new_tokens: 6, out_dir: {out}, "
-                  "require_informative: false, name: toy}")
-    ov = overrides(tmp_path / "exp", **{"data.source": str(toy_data), "data.retain": "retain99",
-                                        "finetune.epochs": 1, "augment.epochs": 1, "unlearn.epochs": 2,
-                                        "experiment": experiment})
-    ov = [o for o in ov if not o.startswith("model.tokenizer=")] + [f"model.tokenizer={tokenizer_dir()}"]
+    ov = toy_overrides(tmp_path, toy_data, "methods: [ta], plans: {one: [ga+RT]}", unlearn_epochs=2)
     args = ["experiment", "mini-tofu", "--config", "configs/mini-tofu.yaml", "--plan", "one", *ov]
     assert main(args) == 0
     result = json.loads((tmp_path / "exp" / "results" / "ga+RT_lr0.01_seed0.json").read_text())

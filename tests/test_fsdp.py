@@ -9,8 +9,9 @@ import shutil
 import pytest
 import torch
 
-from gloo_runs import (BATCH, LAYERS, MICRO, REFERENCE_RUNS, STEPS, free_port, gradient_step, launch, losses,
-                       models_dir, reference, run_settings, unlearn, unlearn_args, unlearn_with_fault)
+from gloo_runs import (BATCH, LAYERS, MICRO, REFERENCE_RUNS, STEPS, assert_every_rank_stopped_on_the_failed_write,
+                       free_port, gradient_step, launch, losses, models_dir, reference, run_settings, unlearn,
+                       unlearn_args, unlearn_with_fault)
 from rklu_fast.train import checkpoint
 from tiny_pipeline import N_FORGET, needs_tofu
 
@@ -284,12 +285,7 @@ def test_a_failed_sharded_checkpoint_write_stops_every_rank(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     assert launch(_full_disk, 2, run_dir, f"unlearned:{N_FORGET // BATCH}:{checkpoint.STATE_FILE}") == [0, 0]
-    for rank in (0, 1):
-        status, err = json.loads((run_dir / f"status-{rank}.json").read_text())
-        assert status == 1 and "epoch-1: writing failed (OSError" in err and "No space left" in err, (rank, err)
-        assert "continue with: rklu unlearn" in err
-    ckpts = run_dir / "unlearned" / "checkpoints"
-    assert not ckpts.exists() or not list(ckpts.iterdir())
+    assert_every_rank_stopped_on_the_failed_write(run_dir)
 
 
 def test_the_shipped_fsdp_config_runs_the_engine_through_accelerate_launch(tmp_path):
