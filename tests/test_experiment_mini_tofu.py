@@ -74,7 +74,7 @@ def toy_overrides(tmp_path, toy_data, methods: str, unlearn_epochs: int) -> list
 
 
 @needs_tofu
-def test_toy_experiment_writes_the_report(tmp_path, toy_data, monkeypatch):
+def test_toy_experiment_writes_the_report(tmp_path, toy_data, monkeypatch, capsys):
     from rklu_fast.cli import main
 
     out = tmp_path / "report"
@@ -102,6 +102,15 @@ def test_toy_experiment_writes_the_report(tmp_path, toy_data, monkeypatch):
     assert "| rklu+RT | 0.01 |" in md and "| original |" in md
     # a rerun skips the finished jobs and rewrites the same report
     assert main(["experiment", "mini-tofu", "--config", "configs/mini-tofu.yaml", *ov]) == 0
+    # the cached shared models are not reused under another recipe (the error names the key); how a step is split
+    # into micro-batches is not part of the recipe
+    capsys.readouterr()
+    assert main(["experiment", "mini-tofu", "--config", "configs/mini-tofu.yaml", *ov, "finetune.lr=0.5"]) == 2
+    assert "changed: finetune.lr)" in capsys.readouterr().err
+    config = (tmp_path / "exp" / "models" / "config.yaml").read_text()
+    assert main(["experiment", "mini-tofu", "--config", "configs/mini-tofu.yaml", *ov,
+                 "finetune.micro_batch_size=1"]) == 0
+    assert (tmp_path / "exp" / "models" / "config.yaml").read_text() == config  # still the one they were made with
 
 
 @needs_tofu

@@ -205,11 +205,14 @@ class Experiment:
     def train_models(self) -> None:
         from rklu_fast.train.pipeline import Run
 
-        run = Run(self.models_config(), resume=True)
-        run.preflight(("finetune", "augment"))
-        run.save_run_info()
         if self.cfg["threads"]:
             torch.set_num_threads(self.cfg["threads"])
+        run = Run(self.models_config(), resume=True)
+        run.preflight(("finetune", "augment"))  # refuses cached models made with another recipe
+        if all((self.models / role / "model").is_dir() for role in ("original", "oracle", "augmented")):
+            print(f"[experiment] shared models: cached in {self.models}")
+            return  # their config.yaml stays the one they were trained with
+        run.save_run_info()
         t0 = time.perf_counter()
         if not (run.finetune() and run.augment()):
             raise RuntimeError("models: a stage stopped early")

@@ -43,6 +43,9 @@ from rklu_fast.jsonio import write_json
 ROLES = ("original", "oracle", "augmented", "unlearned")
 # Keys that say how a run executes or reports, not what it computes: a run dir may continue with other values.
 RUNTIME_KEYS = ("run_dir", "threads", "log", "checkpoint", "experiment", "distributed")
+# How the NLL stages split a step into micro-batches changes their padding, not their gradient (the step's
+# normalisers do not depend on it): a run dir may continue with another split.
+LAYOUT_KEYS = ("finetune.micro_batch_size", "augment.micro_batch_size")
 # The roles a config section affects (others affect every role): a section may change while none of its roles
 # has written anything yet (e.g. a run dir of shared models, unlearned later with several settings).
 STAGE_ROLES = {"finetune": ("original", "oracle"), "augment": ("augmented",),
@@ -76,7 +79,7 @@ class Run:
             # keys the toolkit gained since the run started count as their defaults, not as changes
             old = _with_defaults(yaml.safe_load(saved.read_text()), DEFAULTS)
             changed = sorted(k for k in _diff(old, self.cfg) if k.split(".")[0] not in RUNTIME_KEYS
-                             and self._has_outputs(STAGE_ROLES.get(k.split(".")[0], ROLES)))
+                             and k not in LAYOUT_KEYS and self._has_outputs(STAGE_ROLES.get(k.split(".")[0], ROLES)))
             if changed:
                 raise ConfigError(f"run_dir: {self.dir} was started with a different config (changed: "
                                   f"{', '.join(changed)}); use a new run_dir or the same config")
