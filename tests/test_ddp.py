@@ -122,14 +122,11 @@ def _full_disk(rank, world, run_dir, fault):
 def test_a_failed_checkpoint_write_stops_every_rank(tmp_path):
     """Rank 0, the one writer, fails to write the first checkpoint (disk full, injected): rank 1 does not wait
     for it forever but stops with the same error (exit 1, the --resume command); nothing of it is kept."""
-
-    from gloo_runs import N_FORGET
+    from gloo_runs import N_FORGET, assert_every_rank_stopped_on_the_failed_write
     from rklu_fast.train import checkpoint
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     assert launch(_full_disk, 2, run_dir, f"unlearned:{N_FORGET // BATCH}:{checkpoint.STATE_FILE}",
                   timeout=240) == [0, 0]
-    from gloo_runs import assert_every_rank_stopped_on_the_failed_write
-
     assert_every_rank_stopped_on_the_failed_write(run_dir)

@@ -209,7 +209,7 @@ class Experiment:
             torch.set_num_threads(self.cfg["threads"])
         run = Run(self.models_config(), resume=True)
         run.preflight(("finetune", "augment"))  # refuses cached models made with another recipe
-        if all((self.models / role / "model").is_dir() for role in ("original", "oracle", "augmented")):
+        if all(Path(run.model_path(role)).is_dir() for role in ("original", "oracle", "augmented")):
             print(f"[experiment] shared models: cached in {self.models}")
             return  # their config.yaml stays the one they were trained with
         run.save_run_info()
